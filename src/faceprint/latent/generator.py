@@ -1,0 +1,340 @@
+"""The face generator: autoencoder + PCA projector + mixture + NN refinement (papers/000, Fig. 2).
+
+fit(LatentSet) learns the projector P0 (Sec. 3.1), the Gaussian mixture (Sec. 3.2) and the
+refinement bank (Sec. 3.3). sample_latents(n, seed) draws latents with one of the methods of
+the paper's ablation (Fig. 6), and generate(n, seed) decodes them to images. Every sample of
+"lrgmm-nn" and "nn" carries its provenance map: the training photo each latent pixel was
+copied from.
+
+Methods:
+  "lrgmm-nn"  low-rank mixture sample, then NN projection (the paper's model; default)
+  "lrgmm"     low-rank mixture sample alone (Fig. 6d)
+  "nn"        each latent pixel copied from a uniformly drawn training photo, then NN
+              projection over all training photos (Fig. 6c, "NN step alone")
+  "gaussian"  every latent pixel from a standard Gaussian in the autoencoder's space (Fig. 6a)
+
+The refinement copies the training photo's latent pixel. With copy="full" (default) it copies
+the autoencoder's full c-channel feature y_j(p), with copy="projected" the q-channel feature
+P0* P0 y_j(p) as in Eq. (5). The match is made on the q-channel patches either way; "full"
+avoids the PCA loss in the copied detail (measured by `python -m faceprint.bench core`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import __version__
+from ..errors import ArtifactError, ConfigError, InputError, NotFittedError
+from ..io import load_artifact, now_iso, save_artifact
+from ..seeding import check_seed, derive_seed
+from ..seeding import generator as make_generator
+from .lowrank import LowRankSampler
+from .mixture import GaussianMixture, MixtureConfig
+from .projector import PCAProjector, ProjectorConfig
+from .refine import NNRefiner, RefineConfig, gather
+
+METHODS = ("lrgmm-nn", "lrgmm", "nn", "gaussian")
+ARTIFACT_CLASS = "faceprint.Generator"
+
+
+def auto_components(n_photos: int) -> int:
+    """K = clip(round(N / 128), 1, 64): the paper's settings K = 1 (N = 32), 8 (N = 1024), 64 (N = 28k)."""
+    return int(min(64, max(1, round(n_photos / 128))))
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Hyper-parameters of the LR-GMM-NN generator.
+
+    components: K (None: auto_components(N)).  channels: q kept by the projector.
+    rank_temperature: lambda in d_k = floor(lambda pi_k d0).  patch_radius: rho of the NN
+    patches.  iterations: NN projections.  reg_covar: r added to each covariance.
+    copy: "full" or "projected" (see module docstring).  method: default sampling method.
+    """
+
+    components: int | None = None
+    channels: int = 16
+    rank_temperature: float = 0.12
+    patch_radius: int = 2
+    iterations: int = 1
+    reg_covar: float = 1e-3
+    copy: str = "full"
+    method: str = "lrgmm-nn"
+    em_max_iter: int = 100
+    em_tol: float = 1e-3
+
+    def __post_init__(self):
+        if self.components is not None and (isinstance(self.components, bool) or not isinstance(self.components, int)
+                                            or self.components < 1):
+            raise ConfigError(f"components must be a positive int or None (auto), got {self.components!r}")
+        ProjectorConfig(self.channels)
+        RefineConfig(self.patch_radius, self.iterations)
+        MixtureConfig(n_components=self.components or 1, reg_covar=self.reg_covar,
+                      max_iter=self.em_max_iter, tol=self.em_tol)
+        if not (isinstance(self.rank_temperature, (int, float)) and self.rank_temperature > 0
+                and math.isfinite(self.rank_temperature)):
+            raise ConfigError(f"rank_temperature must be a positive number, got {self.rank_temperature!r}; "
+                              "the paper uses 0.12")
+        if self.copy not in ("full", "projected"):
+            raise ConfigError(f"copy must be 'full' or 'projected', got {self.copy!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+
+
+@dataclass
+class Samples:
+    """latents (n, c, h, w) in the autoencoder's space; components (n,) (-1 where none);
+    provenance (n, h, w) training-photo index per latent pixel (-1 where nothing was copied);
+    indices (n,) the image index of each sample within its seeded run."""
+
+    latents: torch.Tensor
+    components: torch.Tensor
+    provenance: torch.Tensor
+    indices: torch.Tensor
+
+
+@dataclass
+class TrainingRecord:
+    """What the generator was fitted on: photo names and content hashes, in bank order."""
+
+    relpaths: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    data_hash: str = ""
+    image_size: int = 128
+    root: str = ""
+
+
+class Generator:
+    """LR-GMM-NN face generator. Learned state: projector_, mixture_, bank_ (N, c, h, w)."""
+
+    def __init__(self, config: GeneratorConfig | None = None, autoencoder=None):
+        self.config = config or GeneratorConfig()
+        self.autoencoder = autoencoder
+        self.projector_: PCAProjector | None = None
+        self.mixture_: GaussianMixture | None = None
+        self.bank_: torch.Tensor | None = None
+        self.training_ = TrainingRecord()
+        self.provenance_: dict = {}
+        self._cache = {}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, latent_set, *, seed: int = 0) -> "Generator":
+        """Fit on a LatentSet (latents (N, c, h, w) plus the photos' names and hashes)."""
+        check_seed(seed)
+        latents = latent_set.latents
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise InputError(f"latent_set.latents must be a (N, c, h, w) tensor, got {tuple(getattr(latents, 'shape', ()))}")
+        N = latents.shape[0]
+        if N < 2:
+            raise InputError(f"need at least 2 photos to fit a generator, got {N}; add photos to the folder")
+        K = self.config.components or auto_components(N)
+        if K > N:
+            raise ConfigError(f"components = {K} exceeds the number of photos ({N}); use --components {max(1, N // 32)} or fewer")
+        # The bank is stored in float16; fit on exactly the values that are stored.
+        bank = latents.detach().to(torch.float16).contiguous()
+        full = bank.float()
+        self.projector_ = PCAProjector(ProjectorConfig(self.config.channels)).fit(full)
+        Y = self.projector_.transform(full)  # (N, q, h, w)
+        mcfg = MixtureConfig(n_components=K, reg_covar=self.config.reg_covar,
+                             max_iter=self.config.em_max_iter, tol=self.config.em_tol)
+        self.mixture_ = GaussianMixture(mcfg).fit(Y.reshape(N, -1), generator=make_generator(seed, "kmeans"))
+        self.bank_ = bank
+        self.training_ = TrainingRecord(
+            relpaths=list(getattr(latent_set, "relpaths", [str(i) for i in range(N)])),
+            hashes=list(getattr(latent_set, "hashes", getattr(latent_set, "content_hashes", [])) or []),
+            data_hash=str(getattr(latent_set, "data_hash", "")),
+            image_size=int(getattr(latent_set, "image_size", latents.shape[-1] * 8)),
+            root=str(getattr(latent_set, "root", "")),
+        )
+        self.provenance_ = {
+            "faceprint_version": __version__,
+            "created": now_iso(),
+            "seed": seed,
+            "n_photos": N,
+            "components": K,
+            "data_hash": self.training_.data_hash,
+            "em_iterations": self.mixture_.history_.n_iter,
+            "em_converged": self.mixture_.history_.converged,
+            "em_log_likelihood": self.mixture_.final_log_likelihood_,
+            "autoencoder": getattr(self.autoencoder, "id", None),
+            "operations": [],
+        }
+        self._cache = {}
+        return self
+
+    # ------------------------------------------------------------------ state
+    def _check_fitted(self):
+        if self.mixture_ is None:
+            raise NotFittedError("Generator is not fitted; call fit(latent_set) or Generator.load(path)")
+
+    @property
+    def n_photos(self) -> int:
+        self._check_fitted()
+        return self.bank_.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        self._check_fitted()
+        return tuple(self.bank_.shape[1:])
+
+    def _projected_bank(self) -> torch.Tensor:
+        if "projected" not in self._cache:
+            self._cache["projected"] = self.projector_.transform(self.bank_.float())
+        return self._cache["projected"]
+
+    def _refiner(self, single_cluster: bool = False) -> NNRefiner:
+        key = ("refiner", single_cluster)
+        if key not in self._cache:
+            labels = None if single_cluster else self.mixture_.labels_
+            cfg = RefineConfig(self.config.patch_radius, self.config.iterations)
+            self._cache[key] = NNRefiner(cfg).fit(self._projected_bank(), labels)
+        return self._cache[key]
+
+    def _sampler(self, rank_temperature: float) -> LowRankSampler:
+        key = ("sampler", float(rank_temperature))
+        if key not in self._cache:
+            self._cache[key] = LowRankSampler(self.mixture_, rank_temperature)
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ sampling
+    def sample_latents(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
+                       rank_temperature: float | None = None, component: int | None = None,
+                       chunk: int = 256) -> Samples:
+        """Draw n latents for image indices start..start+n-1 of the run seeded by ``seed``.
+
+        Image i depends only on (seed, i, the model and the method), not on n or start."""
+        self._check_fitted()
+        check_seed(seed)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InputError(f"n must be a non-negative int, got {n!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise InputError(f"start must be a non-negative int, got {start!r}")
+        method = method or self.config.method
+        if method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        K = self.mixture_.weights_.numel()
+        if component is not None and not (isinstance(component, int) and 0 <= component < K):
+            raise InputError(f"component must be an int in [0, {K}), got {component!r}")
+        lam = self.config.rank_temperature if rank_temperature is None else rank_temperature
+        c, h, w = self.latent_shape
+        q = self.config.channels
+        lat, comps, provs = [], [], []
+        for s in range(start, start + n, chunk):
+            m = min(chunk, start + n - s)
+            if method == "gaussian":
+                z = torch.stack([torch.randn(c, h, w, generator=make_generator(seed, "gaussian", s + i))
+                                 for i in range(m)])
+                lat.append(z)
+                comps.append(torch.full((m,), -1, dtype=torch.int64))
+                provs.append(torch.full((m, h, w), -1, dtype=torch.int64))
+                continue
+            if method == "nn":
+                N = self.n_photos
+                init = torch.stack([torch.randint(N, (h, w), generator=make_generator(seed, "nn", s + i))
+                                    for i in range(m)])
+                z0 = gather(self._projected_bank(), init)
+                _, prov = self._refiner(single_cluster=True).refine(z0)
+                if self.config.iterations == 0:
+                    prov = init
+                comp = torch.full((m,), -1, dtype=torch.int64)
+            else:
+                zf, comp = self._sampler(lam).draw(m, seed, s, component)
+                z0 = zf.reshape(m, q, h, w)
+                if method == "lrgmm":
+                    lat.append(self.projector_.inverse(z0))
+                    comps.append(comp)
+                    provs.append(torch.full((m, h, w), -1, dtype=torch.int64))
+                    continue
+                _, prov = self._refiner().refine(z0, comp)
+            if self.config.copy == "full":
+                lat.append(gather(self.bank_, prov).float())
+            else:
+                lat.append(self.projector_.inverse(gather(self._projected_bank(), prov)))
+            comps.append(comp)
+            provs.append(prov)
+        empty = (torch.zeros(0, c, h, w), torch.zeros(0, dtype=torch.int64), torch.zeros(0, h, w, dtype=torch.int64))
+        return Samples(
+            latents=torch.cat(lat) if lat else empty[0],
+            components=torch.cat(comps) if comps else empty[1],
+            provenance=torch.cat(provs) if provs else empty[2],
+            indices=torch.arange(start, start + n),
+        )
+
+    def generate(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
+                 rank_temperature: float | None = None, progress: bool = False) -> tuple[torch.Tensor, Samples]:
+        """Draw n faces: (images (n, 3, S, S) float in [0, 1], Samples)."""
+        if self.autoencoder is None:
+            raise NotFittedError("this Generator has no autoencoder; pass autoencoder= or use Generator.load()")
+        samples = self.sample_latents(n, seed=seed, start=start, method=method, rank_temperature=rank_temperature)
+        images = self.autoencoder.decode(samples.latents, progress=progress)
+        return images, samples
+
+    def centroids(self) -> torch.Tensor:
+        """The mixture means mapped back to the autoencoder's space: (K, c, h, w) (paper Fig. 7)."""
+        self._check_fitted()
+        q = self.config.channels
+        _, h, w = self.latent_shape
+        return self.projector_.inverse(self.mixture_.means_.float().reshape(-1, q, h, w))
+
+    def provenance_summary(self, provenance: torch.Tensor) -> list[dict]:
+        """Per face: distinct training photos used and the largest share taken from one photo."""
+        out = []
+        for p in provenance:
+            flat = p.flatten()
+            flat = flat[flat >= 0]
+            if flat.numel() == 0:
+                out.append({"distinct_photos": 0, "max_share": 0.0, "top_photo": None})
+                continue
+            counts = torch.bincount(flat)
+            top = int(counts.argmax())
+            out.append({"distinct_photos": int((counts > 0).sum()), "max_share": float(counts[top]) / flat.numel(),
+                        "top_photo": self.training_.relpaths[top] if top < len(self.training_.relpaths) else str(top)})
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """One .safetensors artifact (tensors + JSON metadata), written atomically."""
+        self._check_fitted()
+        tensors = {"bank": self.bank_}
+        tensors.update(self.projector_.state_tensors())
+        tensors.update(self.mixture_.state_tensors())
+        meta = {
+            "class": ARTIFACT_CLASS,
+            "config": asdict(self.config),
+            "mixture_config": asdict(self.mixture_.config),
+            "mixture_converged": self.mixture_.history_.converged,
+            "training": asdict(self.training_),
+            "provenance": self.provenance_,
+            "autoencoder": {"name": "taef2", "id": getattr(self.autoencoder, "id", None)},
+        }
+        save_artifact(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path, *, autoencoder="auto", weights=None) -> "Generator":
+        """Load an artifact written by save(). autoencoder="auto" loads TAEF2 (weights lookup as
+        in faceprint.autoencoder) and checks it is the one the model was fitted with; None skips it."""
+        tensors, meta = load_artifact(path, expected_class=ARTIFACT_CLASS)
+        try:
+            config = GeneratorConfig(**meta["config"])
+            mcfg = MixtureConfig(**meta["mixture_config"])
+            g = cls(config)
+            g.projector_ = PCAProjector.from_state(ProjectorConfig(config.channels), tensors)
+            g.mixture_ = GaussianMixture.from_state(mcfg, tensors, converged=bool(meta.get("mixture_converged", True)))
+            g.bank_ = tensors["bank"]
+            g.training_ = TrainingRecord(**meta["training"])
+            g.provenance_ = meta.get("provenance", {})
+        except (KeyError, TypeError, ConfigError, RuntimeError) as e:
+            raise ArtifactError(f"model file {str(path)!r} is incomplete or inconsistent ({e.__class__.__name__}: {e}); "
+                                "re-create it with `faceprint fit`") from None
+        expected = (meta.get("autoencoder") or {}).get("id")
+        if autoencoder == "auto":
+            from ..autoencoder import TAEF2
+            autoencoder = TAEF2.load(weights)
+        if autoencoder is not None and expected and getattr(autoencoder, "id", None) != expected:
+            raise ArtifactError(f"model file {str(path)!r} was fitted with autoencoder {expected}, but the loaded "
+                                f"weights are {getattr(autoencoder, 'id', None)}; pass --weights with the original weights")
+        g.autoencoder = autoencoder
+        return g

@@ -1,0 +1,352 @@
+"""Full-covariance Gaussian mixture fitted by EM, in member space (papers/000, Sec. 3.2).
+
+The model is the one of scikit-learn's GaussianMixture(covariance_type="full"):
+Sigma_k = S_k + r I, where S_k is the responsibility-weighted scatter of the data around the
+component mean and r = reg_covar. The fit is exact, but it never forms or factorizes a
+d x d matrix when a component has fewer effective members than dimensions:
+
+* S_k = A_k A_k^T with A_k = (X_m - mu_k)^T diag(sqrt(gamma_mk / n_k)) over the members m of
+  component k (points with responsibility above ``member_tol``), so its nonzero spectrum is
+  that of the small Gram matrix A_k^T A_k (n_m x n_m). We keep S_k as eigenpairs
+  (U_k: d x m_k orthonormal, e_k: m_k), m_k <= min(n_m, d).
+* Then Sigma_k^-1 = I/r - U_k diag(e / (r (e + r))) U_k^T and
+  log det Sigma_k = sum log(e + r) + (d - m_k) log r, so the E-step costs O(N d m_k) per
+  component instead of O(d^3 + N d^2).
+
+The eigenpairs are exactly what the low-rank sampler of Eq. (3)-(4) needs, so fitting and
+sampling share one representation. Responsibilities below ``member_tol`` are treated as zero
+in the M-step (an error of that relative order in S_k); with member_tol = 0 the M-step is
+the textbook one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, InputError, NotFittedError
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """Settings of the EM fit.
+
+    n_components: K.  reg_covar: r, added to every covariance's diagonal (in the whitened
+    units of the projector, where each channel has unit variance).  max_iter, tol: EM stops
+    when the mean log-likelihood per sample changes by less than tol.  kmeans_iter,
+    kmeans_init: the k-means++ initialisation (number of Lloyd iterations, restarts).
+    member_tol: responsibilities below this are zero in the M-step.  dtype: "float64"
+    (default, exact enough to match scikit-learn) or "float32".
+    """
+
+    n_components: int = 8
+    reg_covar: float = 1e-3
+    max_iter: int = 100
+    tol: float = 1e-3
+    kmeans_iter: int = 50
+    kmeans_init: int = 1
+    member_tol: float = 1e-10
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        def _int(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+
+        _int("n_components", 1)
+        _int("max_iter", 1)
+        _int("kmeans_iter", 0)
+        _int("kmeans_init", 1)
+        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar > 0 and math.isfinite(self.reg_covar)):
+            raise ConfigError(f"reg_covar must be a positive number, got {self.reg_covar!r}; try 1e-3")
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+            raise ConfigError(f"tol must be a non-negative number, got {self.tol!r}")
+        if not (0 <= self.member_tol < 1):
+            raise ConfigError(f"member_tol must be in [0, 1), got {self.member_tol!r}")
+        if self.dtype not in ("float64", "float32"):
+            raise ConfigError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+
+
+@dataclass
+class FitHistory:
+    """Mean log-likelihood per sample after each E-step, and whether EM converged."""
+
+    log_likelihood: list[float] = field(default_factory=list)
+    converged: bool = False
+    n_iter: int = 0
+
+
+class GaussianMixture:
+    """Gaussian mixture with full covariances Sigma_k = U_k diag(e_k) U_k^T + r I.
+
+    Learned state (set by fit): weights_ (K,), means_ (K, d), eigvals_ list of (m_k,),
+    eigvecs_ list of (d, m_k), labels_ (N,) hard assignment of the training points,
+    history_ (FitHistory).
+    """
+
+    def __init__(self, config: MixtureConfig | None = None):
+        self.config = config or MixtureConfig()
+        self.weights_ = None
+        self.means_ = None
+        self.eigvals_ = None
+        self.eigvecs_ = None
+        self.labels_ = None
+        self.history_ = FitHistory()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def n_features(self) -> int:
+        self._check_fitted()
+        return self.means_.shape[1]
+
+    @property
+    def reg_covar(self) -> float:
+        return float(self.config.reg_covar)
+
+    def fit(self, X: torch.Tensor, *, generator: torch.Generator | None = None,
+            init_labels: torch.Tensor | None = None) -> "GaussianMixture":
+        """Fit on X (N, d). Initial responsibilities come from ``init_labels`` (N,) if given,
+        else from k-means++ driven by ``generator`` (required then: no global RNG)."""
+        X = self._check_X(X, fitting=True)
+        K = self.config.n_components
+        N = X.shape[0]
+        if init_labels is not None:
+            init_labels = torch.as_tensor(init_labels).long()
+            if init_labels.shape != (N,) or init_labels.min() < 0 or init_labels.max() >= K:
+                raise InputError(f"init_labels must be (N,) = ({N},) ints in [0, {K}), got shape "
+                                 f"{tuple(init_labels.shape)}")
+            labels = init_labels
+        else:
+            if generator is None:
+                raise InputError("fit() needs generator= (a torch.Generator) or init_labels=; "
+                                 "e.g. faceprint.seeding.generator(0)")
+            labels = kmeans(X, K, generator=generator, n_iter=self.config.kmeans_iter,
+                            n_init=self.config.kmeans_init)
+        resp = torch.zeros(N, K, dtype=X.dtype)
+        resp[torch.arange(N), labels] = 1.0
+        self.history_ = FitHistory()
+        self._m_step(X, resp)
+        prev = -math.inf
+        for it in range(1, self.config.max_iter + 1):
+            log_resp, mean_ll = self._e_step(X)
+            self.history_.log_likelihood.append(mean_ll)
+            self.history_.n_iter = it
+            self._m_step(X, log_resp.exp())
+            if abs(mean_ll - prev) < self.config.tol:
+                self.history_.converged = True
+                break
+            prev = mean_ll
+        # final E-step so that labels_ agree with the final parameters (as scikit-learn does)
+        log_resp, mean_ll = self._e_step(X)
+        self.labels_ = log_resp.argmax(1)
+        self.final_log_likelihood_ = mean_ll
+        return self
+
+    def component_log_prob(self, X: torch.Tensor) -> torch.Tensor:
+        """log N(x | mu_k, Sigma_k) for every row and component: (N, K)."""
+        self._check_fitted()
+        X = self._check_X(X)
+        return self._component_log_prob(X)
+
+    def log_prob(self, X: torch.Tensor) -> torch.Tensor:
+        """log p(x) under the mixture, (N,)."""
+        lp = self.component_log_prob(X) + self.weights_.to(X.dtype if X.is_floating_point() else torch.float64).log()
+        return torch.logsumexp(lp, 1)
+
+    def score(self, X: torch.Tensor) -> float:
+        """Mean log-likelihood per sample (scikit-learn's score)."""
+        return float(self.log_prob(X).mean())
+
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """Most responsible component per row, (N,)."""
+        self._check_fitted()
+        X = self._check_X(X)
+        return (self._component_log_prob(X) + self.weights_.to(X.dtype).log()).argmax(1)
+
+    def covariance(self, k: int) -> torch.Tensor:
+        """The full d x d covariance of component k (for tests and small problems only)."""
+        self._check_fitted()
+        U, e = self.eigvecs_[k], self.eigvals_[k]
+        d = self.means_.shape[1]
+        return (U * e) @ U.T + self.reg_covar * torch.eye(d, dtype=U.dtype)
+
+    def n_parameters(self) -> int:
+        self._check_fitted()
+        return int(self.weights_.numel() + self.means_.numel()
+                   + sum(U.numel() + e.numel() for U, e in zip(self.eigvecs_, self.eigvals_)))
+
+    # ------------------------------------------------------------------ EM steps
+    def _m_step(self, X: torch.Tensor, resp: torch.Tensor) -> None:
+        N, d = X.shape
+        eps = 10 * torch.finfo(X.dtype).eps
+        nk = resp.sum(0) + eps  # (K,)
+        self.weights_ = nk / N
+        self.means_ = (resp.T @ X) / nk[:, None]
+        self.eigvals_, self.eigvecs_ = [], []
+        for k in range(resp.shape[1]):
+            members = torch.nonzero(resp[:, k] > self.config.member_tol).squeeze(1)
+            if members.numel() == 0:
+                self.eigvals_.append(torch.zeros(0, dtype=X.dtype))
+                self.eigvecs_.append(torch.zeros(d, 0, dtype=X.dtype))
+                continue
+            w = (resp[members, k] / nk[k]).sqrt()
+            A = (X[members] - self.means_[k]) * w[:, None]  # (n_m, d)
+            e, U = _scatter_eigh(A)
+            self.eigvals_.append(e)
+            self.eigvecs_.append(U)
+
+    def _component_log_prob(self, X: torch.Tensor) -> torch.Tensor:
+        N, d = X.shape
+        r = self.reg_covar
+        dt = X.dtype
+        x2 = (X * X).sum(1)  # (N,)
+        out = torch.empty(N, len(self.eigvals_), dtype=dt)
+        for k, (e, U) in enumerate(zip(self.eigvals_, self.eigvecs_)):
+            mu = self.means_[k].to(dt)
+            U = U.to(dt)
+            e = e.to(dt)
+            d2 = x2 - 2 * (X @ mu) + mu @ mu  # ||x - mu||^2
+            if e.numel():
+                proj = X @ U - mu @ U  # (N, m)
+                shrink = (proj * proj) @ (e / (e + r))
+                logdet = torch.log(e + r).sum() + (d - e.numel()) * math.log(r)
+            else:
+                shrink = torch.zeros_like(d2)
+                logdet = d * math.log(r)
+            maha = (d2 - shrink).clamp_min(0) / r
+            out[:, k] = -0.5 * (d * LOG_2PI + logdet + maha)
+        return out
+
+    def _e_step(self, X: torch.Tensor) -> tuple[torch.Tensor, float]:
+        wlp = self._component_log_prob(X) + self.weights_.log()
+        lse = torch.logsumexp(wlp, 1, keepdim=True)
+        return wlp - lse, float(lse.mean())
+
+    # ------------------------------------------------------------------ helpers
+    def _check_fitted(self):
+        if self.means_ is None:
+            raise NotFittedError("GaussianMixture is not fitted; call fit(X) first")
+
+    def _check_X(self, X, fitting: bool = False) -> torch.Tensor:
+        if not isinstance(X, torch.Tensor) or X.ndim != 2:
+            raise InputError(f"X must be a 2-D tensor (N, d), got {type(X).__name__} {tuple(getattr(X, 'shape', ()))}")
+        dt = torch.float64 if self.config.dtype == "float64" else torch.float32
+        X = X.to(dt)
+        if not torch.isfinite(X).all():
+            raise InputError("X contains NaN or infinite values")
+        if fitting:
+            K = self.config.n_components
+            if X.shape[0] < K:
+                raise InputError(f"cannot fit {K} components on {X.shape[0]} samples; use at most "
+                                 f"{X.shape[0]} components (n_components) or give more photos")
+        elif X.shape[1] != self.means_.shape[1]:
+            raise InputError(f"X has {X.shape[1]} features, the mixture was fitted on {self.means_.shape[1]}")
+        return X
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self, prefix: str = "mixture.") -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        ranks = torch.tensor([e.numel() for e in self.eigvals_], dtype=torch.int64)
+        return {
+            prefix + "weights": self.weights_,
+            prefix + "means": self.means_,
+            prefix + "ranks": ranks,
+            prefix + "eigvals": torch.cat(self.eigvals_) if ranks.sum() else torch.zeros(0, dtype=self.means_.dtype),
+            prefix + "eigvecs": torch.cat(self.eigvecs_, 1).contiguous(),
+            prefix + "labels": self.labels_,
+            prefix + "history": torch.tensor(self.history_.log_likelihood, dtype=torch.float64),
+        }
+
+    @classmethod
+    def from_state(cls, config: MixtureConfig, t: dict, prefix: str = "mixture.", converged: bool = True):
+        m = cls(config)
+        m.weights_ = t[prefix + "weights"]
+        m.means_ = t[prefix + "means"]
+        ranks = t[prefix + "ranks"].tolist()
+        m.eigvals_ = list(torch.split(t[prefix + "eigvals"], ranks))
+        m.eigvecs_ = list(torch.split(t[prefix + "eigvecs"], ranks, dim=1))
+        m.labels_ = t[prefix + "labels"]
+        hist = t[prefix + "history"].tolist()
+        m.history_ = FitHistory(hist, converged, len(hist))
+        return m
+
+
+def _scatter_eigh(A: torch.Tensor, rel_tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nonzero eigenpairs of S = A^T A for A (n, d), descending; the dual (n x n) problem when n < d."""
+    n, d = A.shape
+    if n <= d:
+        G = A @ A.T  # (n, n)
+        e, Q = torch.linalg.eigh(G)
+        keep = e > rel_tol * e.max().clamp_min(0) + torch.finfo(A.dtype).tiny
+        e, Q = e[keep], Q[:, keep]
+        U = (A.T @ Q) / e.sqrt()  # (d, m), orthonormal columns
+    else:
+        S = A.T @ A
+        e, U = torch.linalg.eigh(S)
+        keep = e > rel_tol * e.max().clamp_min(0) + torch.finfo(A.dtype).tiny
+        e, U = e[keep], U[:, keep]
+    order = torch.argsort(e, descending=True)
+    e, U = e[order], U[:, order]
+    # deterministic signs: the largest-magnitude entry of each eigenvector is positive
+    if U.numel():
+        idx = U.abs().argmax(0)
+        s = torch.sign(U[idx, torch.arange(U.shape[1])])
+        s[s == 0] = 1
+        U = U * s
+    return e, U.contiguous()
+
+
+def kmeans(X: torch.Tensor, K: int, *, generator: torch.Generator, n_iter: int = 50,
+           n_init: int = 1) -> torch.Tensor:
+    """k-means++ seeding then Lloyd iterations; returns labels (N,) of the best of n_init runs."""
+    N = X.shape[0]
+    x2 = (X * X).sum(1)
+    best, best_inertia = None, math.inf
+    for _ in range(n_init):
+        centres = torch.empty(K, X.shape[1], dtype=X.dtype)
+        first = int(torch.randint(N, (1,), generator=generator))
+        centres[0] = X[first]
+        closest = (x2 - 2 * X @ centres[0] + centres[0] @ centres[0]).clamp_min(0)
+        for c in range(1, K):
+            total = closest.sum()
+            if total <= 0:
+                idx = int(torch.randint(N, (1,), generator=generator))
+            else:
+                idx = int(torch.multinomial(closest / total, 1, generator=generator))
+            centres[c] = X[idx]
+            dist = (x2 - 2 * X @ centres[c] + centres[c] @ centres[c]).clamp_min(0)
+            closest = torch.minimum(closest, dist)
+        labels = None
+        for _it in range(max(n_iter, 1)):
+            d = x2[:, None] - 2 * X @ centres.T + (centres * centres).sum(1)[None]
+            new = d.argmin(1)
+            if labels is not None and torch.equal(new, labels):
+                break
+            labels = new
+            counts = torch.bincount(labels, minlength=K)
+            sums = torch.zeros_like(centres).index_add_(0, labels, X)
+            for c in torch.nonzero(counts == 0).flatten().tolist():
+                # an empty cluster takes the point farthest from its centre
+                far = int(d.min(1).values.argmax())
+                sums[c], counts[c] = X[far], 1
+                labels[far] = c
+            centres = sums / counts[:, None].to(X.dtype)
+        d = x2[:, None] - 2 * X @ centres.T + (centres * centres).sum(1)[None]
+        labels = d.argmin(1)
+        inertia = float(d.min(1).values.clamp_min(0).sum())
+        if len(torch.unique(labels)) < K:
+            # guarantee every cluster has a member so the first M-step is well posed
+            dmin = d.min(1).values
+            for c in range(K):
+                if not (labels == c).any():
+                    far = int(dmin.argmax())
+                    labels[far] = c
+                    dmin[far] = -1
+        if inertia < best_inertia:
+            best, best_inertia = labels.clone(), inertia
+    return best
