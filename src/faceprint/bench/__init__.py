@@ -1,0 +1,1 @@
+"""Reproducible benchmark tables: `python -m faceprint.bench NAME` (not tests)."""

@@ -1,0 +1,57 @@
+"""The machine, versions and settings every benchmark table starts with."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe(extra: dict | None = None) -> dict:
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "faceprint": __version__,
+    }
+    try:
+        import sklearn
+
+        info["scikit-learn"] = sklearn.__version__
+    except ImportError:
+        pass
+    info.update(extra or {})
+    return info
+
+
+def print_table(title: str, header: list[str], rows: list[list], file=sys.stdout) -> None:
+    """A Markdown table."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print(f"\n### {title}\n", file=file)
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |", file=file)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |", file=file)
+    file.flush()
