@@ -152,6 +152,9 @@ def encode_folder(
         raise InputError(
             f"autoencoder must have a non-empty str .id and an .encode(images) method, got {type(autoencoder).__name__}"
         )
+    # the cache key names how the latents were computed, not only the weights (bf16 and fp32
+    # encodes of one photo differ by about 1%)
+    enc_key = getattr(autoencoder, "encode_id", None) or ae_id
     size = folder.size
     if batch_size is None:
         batch_size = max(1, (16 * 128 * 128) // (size * size))
@@ -182,7 +185,7 @@ def encode_folder(
             unique[h] = i
     latent_of: dict[str, torch.Tensor] = {}
     if store is not None:
-        got = store.get_many(CacheKey(h, prep, ae_id) for h in unique)
+        got = store.get_many(CacheKey(h, prep, enc_key) for h in unique)
         latent_of = {k.content: v for k, v in got.items()}
 
     # 3. decode + encode what is missing, each distinct content once
@@ -200,7 +203,7 @@ def encode_folder(
             z = _check_latents(z, len(batch.indices), ae_id)
             hs = [hashes[i] for i in batch.indices]
             if store is not None:
-                store.put_many((CacheKey(h, prep, ae_id), z[j]) for j, h in enumerate(hs))
+                store.put_many((CacheKey(h, prep, enc_key), z[j]) for j, h in enumerate(hs))
                 if store.enabled and store.dtype == "float16":
                     z = z.to(torch.float16).to(torch.float32)  # what the cache returns next time
             for j, h in enumerate(hs):
