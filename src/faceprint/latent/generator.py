@@ -29,7 +29,7 @@ import torch
 from .. import __version__
 from ..errors import ArtifactError, ConfigError, InputError, NotFittedError
 from ..io import load_artifact, now_iso, save_artifact
-from ..seeding import check_seed, derive_seed
+from ..seeding import check_seed
 from ..seeding import generator as make_generator
 from .lowrank import LowRankSampler
 from .mixture import GaussianMixture, MixtureConfig
@@ -56,7 +56,7 @@ class GeneratorConfig:
     """
 
     components: int | None = None
-    channels: int = 16
+    channels: int = 32
     rank_temperature: float = 0.12
     patch_radius: int = 2
     iterations: int = 1
@@ -141,6 +141,9 @@ class Generator:
         mcfg = MixtureConfig(n_components=K, reg_covar=self.config.reg_covar,
                              max_iter=self.config.em_max_iter, tol=self.config.em_tol)
         self.mixture_ = GaussianMixture(mcfg).fit(Y.reshape(N, -1), generator=make_generator(seed, "kmeans"))
+        # EM runs in float64; the model keeps float32 parameters (half the artifact), and uses
+        # exactly what it stores, so a saved and reloaded model draws the same faces.
+        self.mixture_.astype(torch.float32)
         self.bank_ = bank
         self.training_ = TrainingRecord(
             relpaths=list(getattr(latent_set, "relpaths", [str(i) for i in range(N)])),

@@ -175,6 +175,15 @@ class GaussianMixture:
         d = self.means_.shape[1]
         return (U * e) @ U.T + self.reg_covar * torch.eye(d, dtype=U.dtype)
 
+    def astype(self, dtype: torch.dtype) -> "GaussianMixture":
+        """Cast the learned parameters (e.g. to float32 for a compact artifact); returns self."""
+        self._check_fitted()
+        self.weights_ = self.weights_.to(dtype)
+        self.means_ = self.means_.to(dtype)
+        self.eigvals_ = [e.to(dtype) for e in self.eigvals_]
+        self.eigvecs_ = [U.to(dtype).contiguous() for U in self.eigvecs_]
+        return self
+
     def n_parameters(self) -> int:
         self._check_fitted()
         return int(self.weights_.numel() + self.means_.numel()
