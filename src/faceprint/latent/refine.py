@@ -132,9 +132,8 @@ def gather(bank: torch.Tensor, provenance: torch.Tensor) -> torch.Tensor:
     """Latent pixels copied from the bank: out[b, :, p] = bank[provenance[b, p], :, p].
 
     bank (N, C, h, w), provenance (B, h, w) int64 -> (B, C, h, w)."""
-    N, C, h, w = bank.shape
-    B = provenance.shape[0]
-    flat = bank.permute(0, 2, 3, 1).reshape(N * h * w, C)  # row = j * hw + p
-    pos = torch.arange(h * w).reshape(1, h, w)
-    rows = provenance * (h * w) + pos
-    return flat[rows.reshape(-1)].reshape(B, h, w, C).permute(0, 3, 1, 2).contiguous()
+    _, _, h, w = bank.shape
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+    # advanced indexing reads only the copied pixels (no copy of the whole bank): (B, h, w, C)
+    return bank[provenance, :, ys, xs].permute(0, 3, 1, 2).contiguous()
