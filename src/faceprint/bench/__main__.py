@@ -1,4 +1,4 @@
-"""python -m faceprint.bench {core} [options]"""
+"""python -m faceprint.bench {core,quality} [options]"""
 
 import argparse
 import sys
@@ -8,11 +8,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m faceprint.bench", description="faceprint benchmarks")
     sub = parser.add_subparsers(dest="name", metavar="NAME")
     sub.required = True
-    from . import core
+    from . import core, quality
 
-    core.add_arguments(sub.add_parser("core", help="fit/sample/refine/encode/decode speed and PCA loss (issue: core)"))
+    core.add_arguments(sub.add_parser("core", help="fit/sample/refine/encode/decode speed and PCA loss"))
+    quality.add_arguments(sub.add_parser("quality", help="FID/KID/precision/recall/coverage/memorization table"))
     args = parser.parse_args(argv)
-    return {"core": core.run}[args.name](args)
+    return {"core": core.run, "quality": quality.run}[args.name](args)
 
 
 if __name__ == "__main__":

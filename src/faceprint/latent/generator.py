@@ -205,7 +205,7 @@ class Generator:
     # ------------------------------------------------------------------ sampling
     def sample_latents(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
                        rank_temperature: float | None = None, component: int | None = None,
-                       chunk: int = 256) -> Samples:
+                       chunk: int = 1024) -> Samples:
         """Draw n latents for image indices start..start+n-1 of the run seeded by ``seed``.
 
         Image i depends only on (seed, i, the model and the method), not on n or start."""

@@ -1,0 +1,351 @@
+"""`python -m faceprint.bench quality`: the paper's Table 1 on this machine (papers/000, Sec. 4).
+
+Every method runs on the same autoencoder (TAEF2), the same training photos and the same
+machine; FID/KID/precision/recall/density/coverage are computed on InceptionV3 pool features
+against the same reference photos; memorization is measured against the training photos and
+held-out photos; the provenance maps give how many training photos each face draws on.
+
+Protocols (../shared/datasets/README.md):
+  celeba-1k   train = celeba-10k files 1-1,024, reference = files 5,001-10,000
+  celeba-32   train = files 1-32 (few-shot, K = 1), same reference
+  celeba-5k   train = files 1-5,000, same reference
+Held-out photos (never trained on, not in the reference) for memorization and for the
+autoencoder ceiling: files after the training set up to 5,000 (celeba-1k, celeba-32); for
+celeba-5k there are none left, so the reference set itself serves (marked in the output).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .machine import describe, print_table
+
+METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn", "latentpatch", "ae-recon")
+LABELS = {
+    "gaussian": "standard Gaussian prior",
+    "nn": "NN step alone",
+    "lrgmm": "LR-GMM",
+    "lrgmm-nn": "LR-GMM-NN",
+    "latentpatch": "LatentPatch",
+    "ae-recon": "AE reconstructions (ceiling)",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    train: int
+    components: int | None
+    rank_temperature: float
+
+
+PROTOCOLS = {
+    "celeba-1k": Protocol("celeba-1k", 1024, None, 0.12),
+    "celeba-32": Protocol("celeba-32", 32, 1, 0.003),
+    "celeba-5k": Protocol("celeba-5k", 5000, None, 0.12),
+}
+REF_FIRST, REF_LAST = 5001, 10000
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="celeba-1k")
+    p.add_argument("--data", type=Path, default=None, help="celeba-10k images folder (default ../shared/...)")
+    p.add_argument("-n", type=int, default=5000, help="generated faces per method (default 5000)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambdas", default="0.01,0.03,0.06,0.12,0.25,0.5,1.0",
+                   help="rank temperatures of the trade-off sweep ('' to skip)")
+    p.add_argument("--sweep-n", type=int, default=2000, help="faces per lambda in the sweep (default 2000)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, Markdown and PNGs")
+    p.add_argument("--reference-n", type=int, default=None, help="use only the first N reference photos (smoke runs)")
+    p.add_argument("--batch", type=int, default=250, help="faces generated/decoded/featurised per chunk")
+
+
+def _data_dir(args) -> Path:
+    from ..cli.main import _default_demo_data
+
+    data = args.data or _default_demo_data()
+    if data is None:
+        raise SystemExit("no data: pass --data (the celeba-10k images folder)")
+    return data
+
+
+def _encode_range(data, first, last, ae):
+    from ..data import FaceFolder, LatentCache, encode_folder
+
+    folder = FaceFolder(data, size=128, limit=last)
+    return encode_folder(folder, ae, cache=LatentCache()), None
+
+
+def run(args) -> int:
+    from .. import render
+    from ..autoencoder import TAEF2
+    from ..latent.generator import Generator, GeneratorConfig
+    from ..latent.latentpatch import LatentPatch
+    from ..metrics import (InceptionFeatures, density_coverage, fid, kid, memorization_report,
+                           precision_recall, provenance_stats)
+
+    proto = PROTOCOLS[args.protocol]
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    data = _data_dir(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    info = describe({"protocol": proto.name, "seed": args.seed, "generated per method": args.n,
+                     "train photos": proto.train, "reference photos": f"{REF_FIRST:06d}-{REF_LAST:06d}"})
+
+    ae = TAEF2.load()
+    inc = InceptionFeatures.load()
+    timing = {}
+
+    # ---------------------------------------------------------------- data and reference features
+    t0 = time.perf_counter()
+    all_ls, _ = _encode_range(data, 1, REF_LAST, ae)
+    timing["encode all photos (cache)"] = time.perf_counter() - t0
+    lat_all = all_ls.latents
+    names = [int(Path(r).stem) for r in all_ls.relpaths]
+    pos = {n: i for i, n in enumerate(names)}
+    train_idx = [pos[i] for i in range(1, proto.train + 1) if i in pos]
+    ref_idx = [pos[i] for i in range(REF_FIRST, REF_LAST + 1) if i in pos][: args.reference_n]
+    held_idx = [pos[i] for i in range(proto.train + 1, REF_FIRST) if i in pos][: args.n]
+    held_is_ref = not held_idx
+    if held_is_ref:
+        held_idx = ref_idx
+
+    from ..data import FaceFolder
+
+    folder = FaceFolder(data, size=128, limit=REF_LAST)
+
+    def photo_features(indices, tag):
+        feats = []
+        for s in range(0, len(indices), args.batch):
+            imgs = torch.stack([folder.load_one(i) for i in indices[s:s + args.batch]])
+            feats.append(inc.features(imgs))
+        print(f"  features of {len(indices)} {tag} photos", flush=True)
+        return np.concatenate(feats)
+
+    t0 = time.perf_counter()
+    ref_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in ref_idx], "reference")
+    train_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in train_idx], "training")
+    held_feat = ref_feat if held_is_ref else photo_features([pos_to_folder(folder, all_ls, i) for i in held_idx], "held-out")
+    timing["inception on real photos"] = time.perf_counter() - t0
+
+    class _Sub:  # the training LatentSet restricted to the protocol's photos
+        latents = lat_all[train_idx]
+        relpaths = [all_ls.relpaths[i] for i in train_idx]
+        content_hashes = [all_ls.content_hashes[i] for i in train_idx]
+        data_hash = ""
+        image_size = 128
+        root = str(data)
+
+    t0 = time.perf_counter()
+    gen = Generator(GeneratorConfig(components=proto.components, rank_temperature=proto.rank_temperature),
+                    autoencoder=ae).fit(_Sub, seed=args.seed)
+    t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lp = LatentPatch().fit(_Sub.latents)
+    t_lp_fit = time.perf_counter() - t0
+    train_lat_flat = _Sub.latents.reshape(len(train_idx), -1).float()
+    held_lat_flat = lat_all[held_idx].reshape(len(held_idx), -1).float()
+
+    # ---------------------------------------------------------------- per method
+    results = {}
+    sheet = []
+    for method in methods:
+        t_samp = t_dec = t_feat = 0.0
+        feats, lats, provs = [], [], []
+        n = args.n if method != "ae-recon" else min(args.n, len(held_idx))
+        for s in range(0, n, args.batch):
+            m = min(args.batch, n - s)
+            t0 = time.perf_counter()
+            prov = None
+            if method == "latentpatch":
+                z, prov = lp.sample(m, seed=args.seed, start=s)
+            elif method == "ae-recon":
+                z = lat_all[held_idx[s:s + m]].float()
+            else:
+                smp = gen.sample_latents(m, seed=args.seed, start=s, method=method)
+                z = smp.latents
+                prov = smp.provenance if method in ("nn", "lrgmm-nn") else None
+            t1 = time.perf_counter()
+            imgs = ae.decode(z)
+            t2 = time.perf_counter()
+            feats.append(inc.features(imgs))
+            t3 = time.perf_counter()
+            t_samp, t_dec, t_feat = t_samp + t1 - t0, t_dec + t2 - t1, t_feat + t3 - t2
+            lats.append(z.reshape(m, -1))
+            if prov is not None:
+                provs.append(prov)
+            if s == 0:
+                sheet.append(render.to_uint8(imgs[:10]))
+        F = np.concatenate(feats)
+        L = torch.cat(lats)
+        row = {"n": n, "ms_per_image_latent": t_samp / n * 1000, "ms_per_image_decode": t_dec / n * 1000,
+               "ms_per_image_inception": t_feat / n * 1000}
+        row["fid"] = fid(F, ref_feat)
+        k = kid(F, ref_feat, seed=args.seed, subset_size=min(1000, len(F), len(ref_feat)))
+        row["kid"], row["kid_std"] = float(k[0]), float(k[1])
+        pr = precision_recall(ref_feat, F, k=3)
+        dc = density_coverage(ref_feat, F, k=5)
+        row.update({"precision": float(pr[0]), "recall": float(pr[1]), "density": float(dc[0]), "coverage": float(dc[1])})
+        if method != "ae-recon":
+            mem_inc = memorization_report(F, train_feat, held_feat)
+            mem_lat = memorization_report(L.numpy(), train_lat_flat.numpy(), held_lat_flat.numpy())
+            row["memorization_inception"] = _jsonable(mem_inc)
+            row["memorization_latent"] = _jsonable(mem_lat)
+        if provs:
+            row["provenance"] = _jsonable(provenance_stats(torch.cat(provs).numpy()))
+        results[method] = row
+        print(f"  {method}: FID {row['fid']:.2f}  ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
+
+    timing_rows = {
+        "LR-GMM-NN": {"encode (per photo, fresh)": None, "projector + mixture fit (s)": t_fit},
+        "LatentPatch": {"fit (s)": t_lp_fit},
+    }
+    doc = {"machine": info, "protocol": proto.__dict__, "results": results, "timing": timing,
+           "fit": timing_rows, "held_out_is_reference": held_is_ref}
+
+    # ---------------------------------------------------------------- lambda sweep
+    lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+    sweep = []
+    for lam in lambdas:
+        feats = []
+        for s in range(0, args.sweep_n, args.batch):
+            m = min(args.batch, args.sweep_n - s)
+            smp = gen.sample_latents(m, seed=args.seed, start=s, rank_temperature=lam)
+            feats.append(inc.features(ae.decode(smp.latents)))
+        F = np.concatenate(feats)
+        pr = precision_recall(ref_feat, F, k=3)
+        sweep.append({"lambda": lam, "fid": fid(F, ref_feat), "precision": float(pr[0]), "recall": float(pr[1]),
+                      "n": args.sweep_n})
+        print(f"  lambda {lam}: FID {sweep[-1]['fid']:.2f}", flush=True)
+    doc["lambda_sweep"] = sweep
+    doc["total_seconds"] = time.perf_counter() - t_start
+
+    # ---------------------------------------------------------------- outputs
+    _print_tables(doc, methods)
+    stem = args.out / f"quality-{proto.name}"
+    from ..io import atomic_write_text
+
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=float))
+    atomic_write_text(stem.with_suffix(".md"), _markdown(doc, methods))
+    render.save_png(render.grid(np.concatenate(sheet), cols=10), stem.parent / f"{stem.name}-samples.png")
+    if sweep:
+        _plot_sweep(sweep, stem.parent / f"{stem.name}-lambda.png", proto.name)
+    print(f"\nwrote {stem}.json, {stem}.md, {stem.name}-samples.png" + (f", {stem.name}-lambda.png" if sweep else ""))
+    return 0
+
+
+def pos_to_folder(folder, latent_set, i):
+    """Index into the FaceFolder of the latent set's i-th photo."""
+    if not hasattr(pos_to_folder, "_map") or pos_to_folder._key is not folder:
+        pos_to_folder._map = {r: j for j, r in enumerate(folder.relpaths)}
+        pos_to_folder._key = folder
+    return pos_to_folder._map[latent_set.relpaths[i]]
+
+
+def _jsonable(x):
+    import dataclasses
+
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if hasattr(x, "_asdict"):
+        return _jsonable(x._asdict())
+    if isinstance(x, np.ndarray):
+        return x.tolist() if x.size <= 16 else {"mean": float(x.mean()), "median": float(np.median(x))}
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def _mem_cells(row):
+    mi = row.get("memorization_inception") or {}
+    pv = row.get("provenance") or {}
+    cells = []
+    cells.append(_fmt(mi.get("share_below_min")))
+    cells.append(_fmt(mi.get("share_below_quantile")))
+    cells.append(_fmt(pv.get("mean_distinct"), 1))
+    cells.append(_fmt(pv.get("mean_largest_share")))
+    return cells
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        v = v.get("mean")
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _table_rows(doc, methods):
+    rows = []
+    for m in methods:
+        r = doc["results"].get(m)
+        if r is None:
+            continue
+        rows.append([LABELS[m], r["n"], f"{r['fid']:.2f}", f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}",
+                     f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['density']:.3f}", f"{r['coverage']:.3f}",
+                     *_mem_cells(r), f"{r['ms_per_image_latent']:.2f}", f"{r['ms_per_image_decode']:.2f}"])
+    return rows
+
+
+HEADER = ["method", "n", "FID", "KID x1e3", "precision", "recall", "density", "coverage",
+          "closer than any held-out", "closer than 5% held-out", "photos per face", "largest share",
+          "latent ms/img", "decode ms/img"]
+
+
+def _print_tables(doc, methods):
+    print_table("Machine and settings", ["item", "value"], [[k, v] for k, v in doc["machine"].items()])
+    print_table(f"Quality ({doc['protocol']['name']}, reference {REF_FIRST}-{REF_LAST})", HEADER,
+                _table_rows(doc, methods))
+    if doc.get("lambda_sweep"):
+        print_table("Rank temperature sweep (LR-GMM-NN)", ["lambda", "n", "FID", "precision", "recall"],
+                    [[s["lambda"], s["n"], f"{s['fid']:.2f}", f"{s['precision']:.3f}", f"{s['recall']:.3f}"]
+                     for s in doc["lambda_sweep"]])
+
+
+def _markdown(doc, methods) -> str:
+    import io
+    import contextlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _print_tables(doc, methods)
+    return buf.getvalue()
+
+
+def _plot_sweep(sweep, path, name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = [s["lambda"] for s in sweep]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(lam, [s["fid"] for s in sweep], "o-")
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("rank temperature lambda")
+    ax[0].set_ylabel("FID (lower is better)")
+    ax[1].plot(lam, [s["precision"] for s in sweep], "o-", label="precision")
+    ax[1].plot(lam, [s["recall"] for s in sweep], "s-", label="recall")
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("rank temperature lambda")
+    ax[1].legend()
+    fig.suptitle(f"LR-GMM-NN quality/diversity trade-off ({name}, {sweep[0]['n']} faces per lambda)")
+    fig.tight_layout()
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
