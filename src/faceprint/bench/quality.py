@@ -154,6 +154,11 @@ def run(args) -> int:
     t0 = time.perf_counter()
     lp = LatentPatch().fit(_Sub.latents)
     t_lp_fit = time.perf_counter() - t0
+    speed = _speed(gen, lp, ae, folder, [pos_to_folder(folder, all_ls, i) for i in held_idx[:64]], args)
+    speed["setup"].update({"LR-GMM-NN projector P0 (s)": gen.provenance_["fit_seconds"]["projector"],
+                           "LR-GMM-NN mixture (k-means + EM) (s)": gen.provenance_["fit_seconds"]["mixture"],
+                           "LR-GMM-NN fit total (s)": t_fit, "LatentPatch fit (s)": t_lp_fit})
+    print_table("Setup and generation time", ["stage", "value"], _speed_rows(speed))
     train_lat_flat = _Sub.latents.reshape(len(train_idx), -1).float()
     held_lat_flat = lat_all[held_idx].reshape(len(held_idx), -1).float()
 
@@ -207,12 +212,8 @@ def run(args) -> int:
         results[method] = row
         print(f"  {method}: FID {row['fid']:.2f}  ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
 
-    timing_rows = {
-        "LR-GMM-NN": {"encode (per photo, fresh)": None, "projector + mixture fit (s)": t_fit},
-        "LatentPatch": {"fit (s)": t_lp_fit},
-    }
     doc = {"machine": info, "protocol": proto.__dict__, "results": results, "timing": timing,
-           "fit": timing_rows, "held_out_is_reference": held_is_ref}
+           "speed": speed, "held_out_is_reference": held_is_ref}
 
     # ---------------------------------------------------------------- lambda sweep
     lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
@@ -243,6 +244,81 @@ def run(args) -> int:
         _plot_sweep(sweep, stem.parent / f"{stem.name}-lambda.png", proto.name)
     print(f"\nwrote {stem}.json, {stem}.md, {stem.name}-samples.png" + (f", {stem.name}-lambda.png" if sweep else ""))
     return 0
+
+
+def _best(fn, repeat):
+    best, out = math.inf, None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _speed(gen, lp, ae, folder, photo_idx, args) -> dict:
+    """The appendix's timing table: set-up stages, and per-image generation stages both batched
+    (args.batch images at once) and one image at a time. Best of 3 (batched) / mean over 32 (single)."""
+    setup = {}
+    t0 = time.perf_counter()
+    imgs = torch.stack([folder.load_one(i) for i in photo_idx])
+    setup["load + preprocess (ms/photo)"] = (time.perf_counter() - t0) / len(photo_idx) * 1000
+    t, _ = _best(lambda: ae.encode(imgs), 2)
+    setup["TAEF2 encode, fresh (ms/photo)"] = t / len(photo_idx) * 1000
+
+    lam = gen.config.rank_temperature
+    sampler, refiner = gen._sampler(lam), gen._refiner()
+    q = gen.config.channels
+    c, h, w = gen.latent_shape
+
+    def lrgmm_stages(n, start):
+        t0 = time.perf_counter()
+        zf, comp = sampler.draw(n, args.seed, start, None)
+        t1 = time.perf_counter()
+        _, prov = refiner.refine(zf.reshape(n, q, h, w), comp)
+        from ..latent.refine import gather
+        z = gather(gen.bank_, prov).float()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, z
+
+    def lp_stage(n, start):
+        t0 = time.perf_counter()
+        z, _ = lp.sample(n, seed=args.seed, start=start)
+        return time.perf_counter() - t0, z
+
+    per = {}
+    B = args.batch
+    best = [math.inf, math.inf, math.inf, math.inf]
+    for rep in range(3):
+        ts, tr, z = lrgmm_stages(B, rep * B)
+        tl, _ = lp_stage(B, rep * B)
+        td, _ = _best(lambda: ae.decode(z), 1)
+        best = [min(best[0], ts), min(best[1], tr), min(best[2], tl), min(best[3], td)]
+    per["batched"] = {"LR-GMM sampling": best[0] / B * 1000, "NN refinement": best[1] / B * 1000,
+                      "LatentPatch synthesis": best[2] / B * 1000, "TAEF2 decode": best[3] / B * 1000}
+    S = 32
+    acc = [0.0, 0.0, 0.0, 0.0]
+    for i in range(S):
+        ts, tr, z = lrgmm_stages(1, 10_000 + i)
+        tl, _ = lp_stage(1, 10_000 + i)
+        td, _ = _best(lambda: ae.decode(z), 1)
+        acc = [acc[0] + ts, acc[1] + tr, acc[2] + tl, acc[3] + td]
+    per["single"] = {"LR-GMM sampling": acc[0] / S * 1000, "NN refinement": acc[1] / S * 1000,
+                     "LatentPatch synthesis": acc[2] / S * 1000, "TAEF2 decode": acc[3] / S * 1000}
+    for mode in per.values():
+        ours = mode["LR-GMM sampling"] + mode["NN refinement"]
+        mode["LR-GMM-NN latent total"] = ours
+        mode["LatentPatch / LR-GMM-NN (excl. decode)"] = mode["LatentPatch synthesis"] / ours
+    return {"setup": setup, "per_image_ms": per, "batch": B, "threads": torch.get_num_threads()}
+
+
+def _speed_rows(speed):
+    rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in speed["setup"].items()]
+    for mode, vals in speed["per_image_ms"].items():
+        label = f"batch of {speed['batch']}" if mode == "batched" else "one image at a time"
+        for k, v in vals.items():
+            unit = "x" if "/" in k else "ms/img"
+            rows.append([f"{k} ({label}, {unit})", f"{v:.3f}"])
+    return rows
 
 
 def pos_to_folder(folder, latent_set, i):
@@ -307,6 +383,8 @@ HEADER = ["method", "n", "FID", "KID x1e3", "precision", "recall", "density", "c
 
 def _print_tables(doc, methods):
     print_table("Machine and settings", ["item", "value"], [[k, v] for k, v in doc["machine"].items()])
+    if doc.get("speed"):
+        print_table("Setup and generation time", ["stage", "value"], _speed_rows(doc["speed"]))
     print_table(f"Quality ({doc['protocol']['name']}, reference {REF_FIRST}-{REF_LAST})", HEADER,
                 _table_rows(doc, methods))
     if doc.get("lambda_sweep"):

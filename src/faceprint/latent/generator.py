@@ -22,6 +22,7 @@ avoids the PCA loss in the copied detail (measured by `python -m faceprint.bench
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -136,14 +137,18 @@ class Generator:
         # The bank is stored in float16; fit on exactly the values that are stored.
         bank = latents.detach().to(torch.float16).contiguous()
         full = bank.float()
+        t0 = time.perf_counter()
         self.projector_ = PCAProjector(ProjectorConfig(self.config.channels)).fit(full)
         Y = self.projector_.transform(full)  # (N, q, h, w)
+        t_projector = time.perf_counter() - t0
+        t0 = time.perf_counter()
         mcfg = MixtureConfig(n_components=K, reg_covar=self.config.reg_covar,
                              max_iter=self.config.em_max_iter, tol=self.config.em_tol)
         self.mixture_ = GaussianMixture(mcfg).fit(Y.reshape(N, -1), generator=make_generator(seed, "kmeans"))
         # EM runs in float64; the model keeps float32 parameters (half the artifact), and uses
         # exactly what it stores, so a saved and reloaded model draws the same faces.
         self.mixture_.astype(torch.float32)
+        t_mixture = time.perf_counter() - t0
         self.bank_ = bank
         self.training_ = TrainingRecord(
             relpaths=list(getattr(latent_set, "relpaths", [str(i) for i in range(N)])),
@@ -163,6 +168,7 @@ class Generator:
             "em_converged": self.mixture_.history_.converged,
             "em_log_likelihood": self.mixture_.final_log_likelihood_,
             "autoencoder": getattr(self.autoencoder, "id", None),
+            "fit_seconds": {"projector": round(t_projector, 4), "mixture": round(t_mixture, 4)},
             "operations": [],
         }
         self._cache = {}
