@@ -125,20 +125,6 @@ def run(args) -> int:
 
     folder = FaceFolder(data, size=128, limit=REF_LAST)
 
-    def photo_features(indices, tag):
-        feats = []
-        for s in range(0, len(indices), args.batch):
-            imgs = torch.stack([folder.load_one(i) for i in indices[s:s + args.batch]])
-            feats.append(inc.features(imgs))
-        print(f"  features of {len(indices)} {tag} photos", flush=True)
-        return np.concatenate(feats)
-
-    t0 = time.perf_counter()
-    ref_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in ref_idx], "reference")
-    train_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in train_idx], "training")
-    held_feat = ref_feat if held_is_ref else photo_features([pos_to_folder(folder, all_ls, i) for i in held_idx], "held-out")
-    timing["inception on real photos"] = time.perf_counter() - t0
-
     class _Sub:  # the training LatentSet restricted to the protocol's photos
         latents = lat_all[train_idx]
         relpaths = [all_ls.relpaths[i] for i in train_idx]
@@ -159,6 +145,21 @@ def run(args) -> int:
                            "LR-GMM-NN mixture (k-means + EM) (s)": gen.provenance_["fit_seconds"]["mixture"],
                            "LR-GMM-NN fit total (s)": t_fit, "LatentPatch fit (s)": t_lp_fit})
     print_table("Setup and generation time", ["stage", "value"], _speed_rows(speed))
+
+    def photo_features(indices, tag):
+        feats = []
+        for s in range(0, len(indices), args.batch):
+            imgs = torch.stack([folder.load_one(i) for i in indices[s:s + args.batch]])
+            feats.append(inc.features(imgs))
+        print(f"  features of {len(indices)} {tag} photos", flush=True)
+        return np.concatenate(feats)
+
+    t0 = time.perf_counter()
+    ref_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in ref_idx], "reference")
+    train_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in train_idx], "training")
+    held_feat = ref_feat if held_is_ref else photo_features([pos_to_folder(folder, all_ls, i) for i in held_idx], "held-out")
+    timing["inception on real photos"] = time.perf_counter() - t0
+
     train_lat_flat = _Sub.latents.reshape(len(train_idx), -1).float()
     held_lat_flat = lat_all[held_idx].reshape(len(held_idx), -1).float()
 
