@@ -104,8 +104,7 @@ class NNRefiner:
         b, c, h, w = q.shape
         rho = self.config.patch_radius
         n = members.numel()
-        Y = self.bank_[members].reshape(n, c, h * w).permute(2, 1, 0)  # (hw, c, n)
-        y2 = (Y * Y).sum(1, keepdim=True)  # (hw, 1, n)
+        Y, y2 = self._member_bank(members)
         out = torch.empty(b, h * w, dtype=torch.int64)
         step = max(1, self.config.block_elements // max(n * h * w, 1))
         for s in range(0, b, step):
@@ -122,6 +121,18 @@ class NNRefiner:
                 j = D.argmin(2).T  # (bb, hw)
             out[s:s + bb] = members[j]
         return out.reshape(b, h, w)
+
+    def _member_bank(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' features laid out for the distance bmm, (hw, c, n), and their squared
+        norms (hw, 1, n); computed once per member set (a component) and kept."""
+        key = (members.numel(), int(members[0]), int(members[-1]), int(members.sum()))
+        hit = self._sq.get(key)
+        if hit is None or not torch.equal(hit[0], members):
+            n, (c, h, w) = members.numel(), self.bank_.shape[1:]
+            Y = self.bank_[members].reshape(n, c, h * w).permute(2, 1, 0).contiguous()
+            hit = (members.clone(), Y, (Y * Y).sum(1, keepdim=True))
+            self._sq[key] = hit
+        return hit[1], hit[2]
 
     def _check_fitted(self):
         if self.bank_ is None:
