@@ -108,7 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--no-cache", action="store_true")
     _add_common(p)
+
+    # Command groups of later stages live in their own modules (cli/<group>.py); each
+    # registers its subcommands with set_defaults(handler=...) and shares the common options.
+    import importlib
+    import importlib.util
+
+    for name in EXTENSIONS:
+        modname = f"{__package__}.{name}"
+        if importlib.util.find_spec(modname) is not None:
+            importlib.import_module(modname).register(sub, common=_add_common)
     return parser
+
+
+EXTENSIONS = ("evaluate", "protect", "control")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -300,7 +313,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except FaceprintError as e:
         msg = str(e).replace("\n", " ")
         print(f"faceprint {args.command}: error: {msg}", file=sys.stderr)
