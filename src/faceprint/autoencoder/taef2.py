@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, WeightsError
 from .weights import load_state_dicts, weights_id
 
 LATENT_CHANNELS = 32
@@ -446,6 +446,8 @@ class TAEF2:
         self.decoder = decoder.to(self.device).eval()
         self.weights_dir = weights_dir
         self.id = weights_id()
+        self.base_id = self.id  # the pinned pretrained weights; differs from id only for a replaced decoder
+        self.base = self
         # what a latent cache must key on: the weights and how they are run
         self.encode_id = f"{self.id}:{self.config.precision}"
         self.fused = self.config.fused and self.device.type == "cpu" and fused_kernels_available()
@@ -481,6 +483,29 @@ class TAEF2:
         encoder.load_state_dict(enc_sd, strict=True)
         decoder.load_state_dict(dec_sd, strict=True)
         return cls(encoder, decoder, config=config or TAEF2Config(), device=device, weights_dir=folder)
+
+    def with_decoder_state(self, state: dict[str, torch.Tensor]) -> TAEF2:
+        """A TAEF2 with the same encoder and run settings and other decoder weights of the same
+        architecture (e.g. a fingerprinted instance's). ``id`` becomes base id + a digest of the
+        weights; ``base_id``/``base`` keep naming the pretrained autoencoder."""
+        import hashlib
+
+        decoder = TAEF2Decoder()
+        try:
+            decoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except RuntimeError as e:
+            raise WeightsError(f"decoder weights do not fit the TAEF2 decoder ({str(e).splitlines()[0]}); "
+                               "the model file's decoder was not made for TAEF2") from None
+        base = self.base
+        out = TAEF2(base.encoder, decoder, config=base.config, device=base.device, weights_dir=base.weights_dir)
+        h = hashlib.sha256()
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].detach().float().contiguous().numpy().tobytes())
+        out.id = f"{base.id}+{h.hexdigest()[:12]}"
+        out.base_id, out.base = base.id, base
+        out.encode_id = base.encode_id
+        return out
 
     def __repr__(self) -> str:
         c = self.config

@@ -21,6 +21,7 @@ avoids the PCA loss in the copied detail (measured by `python -m faceprint.bench
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,9 @@ from .refine import NNRefiner, RefineConfig, gather
 
 METHODS = ("lrgmm-nn", "lrgmm", "nn", "gaussian")
 ARTIFACT_CLASS = "faceprint.Generator"
+
+
+DECODER_PREFIX = "decoder."
 
 
 def auto_components(n_photos: int) -> int:
@@ -119,6 +123,10 @@ class Generator:
         self.bank_: torch.Tensor | None = None
         self.training_ = TrainingRecord()
         self.provenance_: dict = {}
+        # A model instance may carry its own decoder weights (a fingerprinted copy: same
+        # architecture, weights with the instance's code folded in) and what they are.
+        self.decoder_state_: dict[str, torch.Tensor] | None = None
+        self.fingerprint_: dict | None = None
         self._cache = {}
 
     # ------------------------------------------------------------------ fitting
@@ -310,6 +318,8 @@ class Generator:
         tensors = {"bank": self.bank_}
         tensors.update(self.projector_.state_tensors())
         tensors.update(self.mixture_.state_tensors())
+        if self.decoder_state_ is not None:
+            tensors.update({DECODER_PREFIX + k: v.contiguous() for k, v in self.decoder_state_.items()})
         meta = {
             "class": ARTIFACT_CLASS,
             "config": asdict(self.config),
@@ -317,7 +327,8 @@ class Generator:
             "mixture_converged": self.mixture_.history_.converged,
             "training": asdict(self.training_),
             "provenance": self.provenance_,
-            "autoencoder": {"name": "taef2", "id": getattr(self.autoencoder, "id", None)},
+            "autoencoder": {"name": "taef2", "id": getattr(self.autoencoder, "base_id", getattr(self.autoencoder, "id", None))},
+            "fingerprint": self.fingerprint_,
         }
         save_artifact(path, tensors, meta)
 
@@ -335,6 +346,9 @@ class Generator:
             g.bank_ = tensors["bank"]
             g.training_ = TrainingRecord(**meta["training"])
             g.provenance_ = meta.get("provenance", {})
+            dec = {k[len(DECODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
+            g.decoder_state_ = dec or None
+            g.fingerprint_ = meta.get("fingerprint")
         except (KeyError, TypeError, ConfigError, RuntimeError) as e:
             raise ArtifactError(f"model file {str(path)!r} is incomplete or inconsistent ({e.__class__.__name__}: {e}); "
                                 "re-create it with `faceprint fit`") from None
@@ -345,5 +359,21 @@ class Generator:
         if autoencoder is not None and expected and getattr(autoencoder, "id", None) != expected:
             raise ArtifactError(f"model file {str(path)!r} was fitted with autoencoder {expected}, but the loaded "
                                 f"weights are {getattr(autoencoder, 'id', None)}; pass --weights with the original weights")
+        if autoencoder is not None and g.decoder_state_ is not None:
+            autoencoder = autoencoder.with_decoder_state(g.decoder_state_)
         g.autoencoder = autoencoder
+        return g
+
+    def with_decoder(self, decoder_state: dict[str, torch.Tensor], fingerprint: dict | None = None) -> "Generator":
+        """A copy of this model (sharing its fitted state) that decodes with other decoder weights
+        of the same architecture, e.g. a fingerprinted instance; saved and loaded with the model."""
+        self._check_fitted()
+        g = copy.copy(self)
+        g._cache = {}
+        g.decoder_state_ = {k: v.detach().cpu().contiguous() for k, v in decoder_state.items()}
+        g.fingerprint_ = dict(fingerprint) if fingerprint is not None else None
+        g.provenance_ = dict(self.provenance_)
+        if self.autoencoder is not None:
+            base = getattr(self.autoencoder, "base", self.autoencoder)
+            g.autoencoder = base.with_decoder_state(g.decoder_state_)
         return g
