@@ -364,6 +364,25 @@ class Generator:
         g.autoencoder = autoencoder
         return g
 
+    def copy(self) -> "Generator":
+        """An independent copy of the fitted state (the autoencoder is shared, not copied)."""
+        self._check_fitted()
+        ae, self.autoencoder = self.autoencoder, None
+        cache, self._cache = self._cache, {}
+        try:
+            g = copy.deepcopy(self)
+        finally:
+            self.autoencoder, self._cache = ae, cache
+        g.autoencoder = ae
+        return g
+
+    def record_operation(self, op: dict) -> None:
+        """Append an edit (taming, fingerprinting, ...) to the model's provenance, stamped with
+        the time and faceprint version."""
+        entry = {"when": now_iso(), "faceprint_version": __version__, **op}
+        self.provenance_ = dict(self.provenance_)
+        self.provenance_["operations"] = list(self.provenance_.get("operations", [])) + [entry]
+
     def with_decoder(self, decoder_state: dict[str, torch.Tensor], fingerprint: dict | None = None) -> "Generator":
         """A copy of this model (sharing its fitted state) that decodes with other decoder weights
         of the same architecture, e.g. a fingerprinted instance; saved and loaded with the model."""

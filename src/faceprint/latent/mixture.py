@@ -189,6 +189,172 @@ class GaussianMixture:
         return int(self.weights_.numel() + self.means_.numel()
                    + sum(U.numel() + e.numel() for U, e in zip(self.eigvecs_, self.eigvals_)))
 
+    def predict_proba(self, X: torch.Tensor) -> torch.Tensor:
+        """Responsibilities p(k | x) for every row: (N, K)."""
+        self._check_fitted()
+        X = self._check_X(X)
+        wlp = self._component_log_prob(X) + self.weights_.to(X.dtype).log()
+        return (wlp - torch.logsumexp(wlp, 1, keepdim=True)).exp()
+
+    # ------------------------------------------------------------------ exact edits
+    def remove_points(self, X_removed: torch.Tensor, n_total: int, *, resp: torch.Tensor | None = None,
+                      min_count: float = 1e-6) -> dict:
+        """Take training points out of the fitted model exactly: afterwards the parameters are
+        those of the M-step on the remaining n_total - M points, with every remaining point's
+        responsibilities unchanged (papers/002's "forget" done as an exact edit, not a fine-tune).
+
+        Component k is down-dated in closed form, with no pass over the remaining data:
+        n_k' = n_k - sum_p g_pk, mu_k' = (n_k mu_k - sum_p g_pk x_p) / n_k' and
+        S_k' = (n_k (S_k + mu_k mu_k^T) - sum_p g_pk x_p x_p^T) / n_k' - mu_k' mu_k'^T, whose range
+        lies in span(U_k, mu_k, x_p): its eigenpairs come from a small (m_k + 1 + M)-square
+        problem in an orthonormal basis of that span. g_pk are the removed points'
+        responsibilities (``resp``, default: computed from the current parameters). A component
+        left with (almost) no mass is dropped.
+
+        Parameters
+        ----------
+        X_removed : (M, d) the points to take out, in the space the mixture was fitted in.
+        n_total : the number of training points the model currently stands for (N).
+        resp : optional (M, K) responsibilities of the removed points.
+        min_count : a component whose remaining mass n_k' is below this is dropped.
+
+        Returns
+        -------
+        dict with "kept_components" (old index of each remaining component), "dropped"
+        (old indices), "mass_removed" (K,) and "updated" (old indices of changed components).
+        """
+        self._check_fitted()
+        X = self._check_X(X_removed).double()
+        M = X.shape[0]
+        if not (isinstance(n_total, int) and n_total > M):
+            raise InputError(f"n_total must be an int larger than the {M} removed points, got {n_total!r}")
+        G = (self.predict_proba(X) if resp is None else torch.as_tensor(resp)).double()  # (M, K)
+        K = self.weights_.numel()
+        if G.shape != (M, K):
+            raise InputError(f"resp must have shape ({M}, {K}), got {tuple(G.shape)}")
+        dtype = self.means_.dtype
+        r_tol = self.config.member_tol
+        nk = self.weights_.double() * n_total
+        mass = G.sum(0)
+        new_n = nk - mass
+        means, eigvals, eigvecs, kept, dropped, updated = [], [], [], [], [], []
+        for k in range(K):
+            if new_n[k] < min_count:
+                dropped.append(k)
+                continue
+            kept.append(k)
+            U, e, mu = self.eigvecs_[k].double(), self.eigvals_[k].double(), self.means_[k].double()
+            rows = torch.nonzero(G[:, k] > r_tol).squeeze(1)
+            if rows.numel() == 0:
+                means.append(self.means_[k])
+                eigvals.append(self.eigvals_[k])
+                eigvecs.append(self.eigvecs_[k])
+                continue
+            updated.append(k)
+            g, Xp = G[rows, k], X[rows]
+            mu_new = (nk[k] * mu - g @ Xp) / new_n[k]
+            B, _ = torch.linalg.qr(torch.cat([U, mu[:, None], Xp.T], 1))  # (d, m + 1 + M') orthonormal
+            Ub, mub, Xb, mnb = B.T @ U, B.T @ mu, Xp @ B, B.T @ mu_new
+            second = nk[k] * ((Ub * e) @ Ub.T + torch.outer(mub, mub)) - (Xb.T * g) @ Xb
+            S = second / new_n[k] - torch.outer(mnb, mnb)
+            S = (S + S.T) / 2
+            ev, Q = torch.linalg.eigh(S)
+            keep = ev > 1e-10 * ev.max().clamp_min(0) + torch.finfo(torch.float64).tiny
+            ev, Q = ev[keep].flip(0), Q[:, keep].flip(1)
+            Unew = B @ Q
+            if Unew.numel():
+                idx = Unew.abs().argmax(0)
+                sgn = torch.sign(Unew[idx, torch.arange(Unew.shape[1])])
+                sgn[sgn == 0] = 1
+                Unew = Unew * sgn
+            means.append(mu_new.to(dtype))
+            eigvals.append(ev.to(dtype))
+            eigvecs.append(Unew.to(dtype).contiguous())
+        if not kept:
+            raise InputError("removing these points would leave the mixture empty; the model has nothing else to keep")
+        N_new = n_total - M
+        self.weights_ = (new_n[kept] / N_new).to(dtype)
+        self.weights_ = self.weights_ / self.weights_.sum()
+        self.means_ = torch.stack(means)
+        self.eigvals_, self.eigvecs_ = eigvals, eigvecs
+        return {"kept_components": kept, "dropped": dropped, "mass_removed": mass, "updated": updated}
+
+    def split(self, X: torch.Tensor, groups: torch.Tensor, *, min_members: float = 8.0,
+              resp: torch.Tensor | None = None) -> dict:
+        """Split the mixture along a partition of the training points (e.g. an attribute), so
+        that every component holds the points of one cell only.
+
+        X (N, d) are the training points the model stands for and ``groups`` (N,) their cell
+        (0 .. G-1). Where component k holds at least ``min_members`` effective points of cell g,
+        it yields the part (k, g): the Gaussian fitted (the M-step formula) to k's
+        responsibilities restricted to cell g, with weight sum_n r_nk [g_n = g] / N. The points
+        of cell g in components where it is rarer are pooled into one part for g (their summed
+        responsibilities), or, if that pool is itself smaller than ``min_members`` while g has
+        parts of its own, added to g's largest part. So no part mixes cells, the parts' weights
+        add up to the old components', and no part is fitted on fewer than min(min_members,
+        size of the cell) photos.
+
+        Returns dict with "parent" (new component -> list of old components it draws on),
+        "cells" (new component -> its cell), "labels" (N,) the new hard assignment of the
+        training points, and "cell_rates" (K', G), 1 where a component holds a cell.
+        """
+        self._check_fitted()
+        X = self._check_X(X).double()
+        N = X.shape[0]
+        groups = torch.as_tensor(groups).long()
+        if groups.shape != (N,) or groups.min() < 0:
+            raise InputError(f"groups must be (N,) = ({N},) non-negative ints, got shape {tuple(groups.shape)}")
+        Gn = int(groups.max()) + 1
+        R = (self.predict_proba(X) if resp is None else torch.as_tensor(resp)).double()  # (N, K)
+        K = R.shape[1]
+        onehot = torch.nn.functional.one_hot(groups, Gn).double()  # (N, G)
+        mass = R.T @ onehot  # (K, G) effective points of each cell in each component
+        hard = R.argmax(1)
+        dtype = self.means_.dtype
+        parts = []  # (cell, list of components, weight vector over points)
+        owner = {}  # (component, cell) -> part index
+        for g in range(Gn):
+            if mass[:, g].sum() <= 0:
+                continue
+            inside = (groups == g).double()
+            big = [k for k in range(K) if mass[k, g] >= min_members]
+            rest = [k for k in range(K) if k not in big and mass[k, g] > 0]
+            for k in big:
+                owner[(k, g)] = len(parts)
+                parts.append((g, [k], R[:, k] * inside))
+            if rest:
+                w = R[:, rest].sum(1) * inside
+                if float(w.sum()) >= min_members or not big:
+                    i = len(parts)
+                    parts.append((g, rest, w))
+                else:  # too few to stand alone: join the cell's largest part
+                    i = max((owner[(k, g)] for k in big), key=lambda j: float(parts[j][2].sum()))
+                    cell, comps, w0 = parts[i]
+                    parts[i] = (cell, comps + rest, w0 + w)
+                for k in rest:
+                    owner[(k, g)] = i
+        weights, means, eigvals, eigvecs = [], [], [], []
+        for g, comps, w in parts:
+            members = torch.nonzero(w > self.config.member_tol).squeeze(1)
+            nw = w[members].sum()
+            mu = (w[members] @ X[members]) / nw
+            A = (X[members] - mu) * (w[members] / nw).sqrt()[:, None]
+            e, U = _scatter_eigh(A)
+            weights.append(nw / N)
+            means.append(mu.to(dtype))
+            eigvals.append(e.to(dtype))
+            eigvecs.append(U.to(dtype))
+        labels = torch.tensor([owner[(int(hard[n]), int(groups[n]))] for n in range(N)], dtype=torch.int64)
+        self.weights_ = torch.stack(weights).to(dtype)
+        self.weights_ = self.weights_ / self.weights_.sum()
+        self.means_ = torch.stack(means)
+        self.eigvals_, self.eigvecs_ = eigvals, eigvecs
+        self.labels_ = labels
+        rates = torch.zeros(len(parts), Gn, dtype=torch.float64)
+        rates[torch.arange(len(parts)), torch.tensor([p[0] for p in parts])] = 1
+        return {"parent": [p[1] for p in parts], "cells": [p[0] for p in parts], "labels": labels,
+                "cell_rates": rates}
+
     # ------------------------------------------------------------------ EM steps
     def _m_step(self, X: torch.Tensor, resp: torch.Tensor) -> None:
         N, d = X.shape
