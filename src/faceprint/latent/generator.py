@@ -327,7 +327,7 @@ class Generator:
             "mixture_converged": self.mixture_.history_.converged,
             "training": asdict(self.training_),
             "provenance": self.provenance_,
-            "autoencoder": {"name": "taef2", "id": getattr(self.autoencoder, "base_id", getattr(self.autoencoder, "id", None))},
+            "autoencoder": {"name": "taef2", "id": self._autoencoder_id()},
             "fingerprint": self.fingerprint_,
         }
         save_artifact(path, tensors, meta)
@@ -363,6 +363,13 @@ class Generator:
             autoencoder = autoencoder.with_decoder_state(g.decoder_state_)
         g.autoencoder = autoencoder
         return g
+
+    def _autoencoder_id(self):
+        """The pretrained autoencoder the model was fitted with (kept when loaded without one)."""
+        ae = self.autoencoder
+        if ae is not None:
+            return getattr(ae, "base_id", getattr(ae, "id", None))
+        return self.provenance_.get("autoencoder")
 
     def copy(self) -> "Generator":
         """An independent copy of the fitted state (the autoencoder is shared, not copied)."""

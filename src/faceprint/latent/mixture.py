@@ -253,7 +253,7 @@ class GaussianMixture:
             updated.append(k)
             g, Xp = G[rows, k], X[rows]
             mu_new = (nk[k] * mu - g @ Xp) / new_n[k]
-            B, _ = torch.linalg.qr(torch.cat([U, mu[:, None], Xp.T], 1))  # (d, m + 1 + M') orthonormal
+            B = _extend_basis(U, torch.cat([mu[:, None], Xp.T], 1))  # (d, m + extra) orthonormal
             Ub, mub, Xb, mnb = B.T @ U, B.T @ mu, Xp @ B, B.T @ mu_new
             second = nk[k] * ((Ub * e) @ Ub.T + torch.outer(mub, mub)) - (Xb.T * g) @ Xb
             S = second / new_n[k] - torch.outer(mnb, mnb)
@@ -449,6 +449,18 @@ class GaussianMixture:
         hist = t[prefix + "history"].tolist()
         m.history_ = FitHistory(hist, converged, len(hist))
         return m
+
+
+def _extend_basis(U: torch.Tensor, W: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
+    """An orthonormal basis of span(U, W), U (d, m) already orthonormal: U followed by the
+    directions of W outside span(U) (two Gram-Schmidt passes, then an SVD of the small rest)."""
+    V = W - U @ (U.T @ W)
+    V = V - U @ (U.T @ V)
+    if V.numel() == 0:
+        return U
+    Q, S, _ = torch.linalg.svd(V, full_matrices=False)
+    scale = max(float(W.norm(dim=0).max()), torch.finfo(W.dtype).tiny)
+    return torch.cat([U, Q[:, S > rel_tol * scale]], 1)
 
 
 def _scatter_eigh(A: torch.Tensor, rel_tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
