@@ -37,9 +37,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+def atomic_path(path, mode: int | None = None):
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    The file gets ``mode`` (default: what a plain ``open`` would give under the umask, not the
+    0600 of the temporary file); pass 0o600 for secrets such as an owner's fingerprint key."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
@@ -48,6 +60,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -71,7 +84,7 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def save_artifact(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def save_artifact(path, tensors: dict[str, torch.Tensor], meta: dict, *, mode: int | None = None) -> None:
     """Write tensors and JSON-serialisable metadata to one .safetensors file, atomically.
 
     ``meta`` keys become header entries whose values are JSON strings. ``format_version`` and
@@ -83,7 +96,7 @@ def save_artifact(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     header["format_version"] = json.dumps(FORMAT_VERSION)
     header["faceprint_version"] = json.dumps(__version__)
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         save_file(clean, str(tmp), metadata=header)
 
 

@@ -106,12 +106,27 @@ def _quality(F, ref):
     return {"fid": float(fid(F, ref)), "precision": float(pr.precision), "recall": float(pr.recall)}
 
 
-def _reference_features(ds, inc, n, batch):
-    files = sorted((ds / "celeba-10k" / "images").iterdir())[5000:5000 + n]
+def cached_features(files, inc, batch):
+    """Inception features of photo files (128 px), kept in the user's feature cache (outside
+    the repository: they derive from the photos) under the files' content key."""
+    from ..metrics.inception import FeatureCache, files_key
+
+    cache = FeatureCache()
+    key = files_key(files, recipe="load_image-128")
+    hit = cache.get(key, inc.id)
+    if hit is not None:
+        return hit.astype(np.float64)
     out = []
     for s in range(0, len(files), batch):
         out.append(inc.features(_images(files[s:s + batch])))
-    return np.concatenate(out)
+    feats = np.concatenate(out)
+    cache.put(key, inc.id, feats)
+    return feats
+
+
+def _reference_features(ds, inc, n, batch):
+    files = sorted((ds / "celeba-10k" / "images").iterdir())[5000:5000 + n]
+    return cached_features(files, inc, batch)
 
 
 # ------------------------------------------------------------------------------------------ forget

@@ -40,12 +40,9 @@ def _generate(gen, n, seed, batch, inc, clf, ae):
 
 
 def _features(files, inc, batch):
-    from .taming import _images
+    from .taming import cached_features
 
-    out = []
-    for s in range(0, len(files), batch):
-        out.append(inc.features(_images(files[s:s + batch])))
-    return np.concatenate(out)
+    return cached_features(files, inc, batch)
 
 
 def _model(name, args, ds, ae, inc, ref):

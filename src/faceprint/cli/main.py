@@ -258,6 +258,10 @@ def cmd_inspect(args) -> int:
         print(f"training: {len(paths)} photos at {training.get('image_size')} px from {training.get('root')!r}; "
               f"data hash {str(training.get('data_hash'))[:16]}")
     print(f"autoencoder: {(meta.get('autoencoder') or {}).get('id')}")
+    fp = meta.get("fingerprint")
+    if fp:
+        print(f"fingerprint: {fp.get('mechanism')}, {fp.get('bits')} bits, instance {fp.get('instance')!r}"
+              + (f" for {fp['recipient']!r}" if fp.get("recipient") else ""))
     print("tensors:")
     total = 0
     for k, v in sizes.items():

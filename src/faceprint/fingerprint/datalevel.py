@@ -204,7 +204,8 @@ class BankFingerprinter:
     def info(self, code_bits, extra: dict | None = None) -> dict:
         """The fingerprint record to keep with a model fitted on fingerprinted latents."""
         bits = _as_bits(code_bits, self.config.bits)
-        d = {"mechanism": MECHANISM, "bits": self.config.bits, "code": bits_to_hex(bits), "config": asdict(self.config),
+        public = {k: v for k, v in asdict(self.config).items() if k != "key_seed"}  # the key stays with the owner
+        d = {"mechanism": MECHANISM, "bits": self.config.bits, "code": bits_to_hex(bits), "config": public,
              "channels": [int(c) for c in self.channels_]}
         d.update(extra or {})
         return d
@@ -216,7 +217,8 @@ class BankFingerprinter:
         tensors = {"channels": self.channels_, "scale": self.scale_, "assign": self.assign_, "spread": self.spread_,
                    "dither": self.dither_}
         save_artifact(path, tensors, {"class": ARTIFACT_CLASS, "config": asdict(self.config), "shape": list(self.shape_),
-                                      "round_trip_std": self.round_trip_std_, "provenance": self.provenance_})
+                                      "round_trip_std": self.round_trip_std_, "provenance": self.provenance_},
+                      mode=0o600)  # the owner's secret: readable by the owner only
 
     @classmethod
     def load(cls, path) -> "BankFingerprinter":

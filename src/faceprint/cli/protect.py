@@ -1,0 +1,225 @@
+"""`faceprint fingerprint issue|calibrate|list` and `faceprint verify`: the owner's side of
+accountable release (papers/004, Ch. 5-6). The work is in faceprint.fingerprint.owner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def register(sub, *, common) -> None:
+    from .main import _nonneg_int, _positive_int
+
+    def owner_options(p):
+        p.add_argument("--owner", type=Path, default=None,
+                       help="folder of the owner's key, registry and calibration "
+                            "(default $FACEPRINT_OWNER_DIR or ~/.local/share/faceprint/owner)")
+        p.add_argument("--registry", default=None,
+                       help="registry URL (sqlite:///file.db, postgresql+psycopg://user@host/db) or SQLite file "
+                            "(default OWNER/registry.sqlite)")
+
+    p = sub.add_parser("fingerprint", help="issue fingerprinted model instances, calibrate verification, list issued codes")
+    fsub = p.add_subparsers(dest="fingerprint_command", metavar="OPERATION")
+    fsub.required = True
+
+    i = fsub.add_parser("issue", help="write a copy of MODEL whose faces all carry a new 128-bit code, recorded in the registry")
+    i.add_argument("model", type=Path)
+    i.add_argument("--to", required=True, metavar="NAME", help="who receives this instance")
+    i.add_argument("-o", "--output", type=Path, required=True, help="instance model file to write")
+    i.add_argument("--instance", default=None, help="instance name (default: the output file's name without suffix)")
+    i.add_argument("--note", default=None, help="free text kept in the registry")
+    i.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="draw the code reproducibly from this seed (default: the system's randomness)")
+    owner_options(i)
+    common(i)
+    i.set_defaults(handler=cmd_issue)
+
+    c = fsub.add_parser("calibrate", help="measure matching bits of negatives and set the decision threshold")
+    c.add_argument("model", type=Path, help="the unfingerprinted model the instances were issued from")
+    c.add_argument("--negatives", type=Path, action="append", required=True, metavar="FOLDER",
+                   help="folder of images that carry none of the codes (e.g. real photos); repeat for several")
+    c.add_argument("--faces", type=_nonneg_int, default=2000,
+                   help="also decode this many faces of MODEL itself (default 2000)")
+    c.add_argument("--instances", type=_nonneg_int, default=4,
+                   help="and faces of this many unregistered instances with random codes (default 4)")
+    c.add_argument("--faces-per-instance", type=_positive_int, default=250)
+    c.add_argument("--target-fpr", type=float, default=1e-3,
+                   help="largest false-positive rate accepted per verified image (default 1e-3)")
+    c.add_argument("--min-negatives", type=_positive_int, default=10000,
+                   help="refuse to calibrate on fewer negatives (default 10000; lower it only knowingly)")
+    c.add_argument("--seed", type=_nonneg_int, default=0)
+    owner_options(c)
+    common(c)
+    c.set_defaults(handler=cmd_calibrate)
+
+    ls = fsub.add_parser("list", help="list the issued codes")
+    ls.add_argument("--json", action="store_true")
+    owner_options(ls)
+    ls.set_defaults(handler=cmd_list, quiet=True)
+
+    v = sub.add_parser("verify", help="say whether images come from one of the owner's instances, which one, "
+                                      "and with what false-positive rate")
+    v.add_argument("images", type=Path, nargs="+", help="image files (or folders of images)")
+    v.add_argument("--json", action="store_true", help="one JSON object per image")
+    owner_options(v)
+    common(v)
+    v.set_defaults(handler=cmd_verify)
+
+
+def _say(args, msg):
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _owner(args):
+    from ..fingerprint.owner import Owner
+
+    return Owner(args.owner, registry=args.registry)
+
+
+def cmd_issue(args) -> int:
+    from ..autoencoder import TAEF2
+    from ..fingerprint.owner import issue_instance
+    from ..io import sha256_file
+    from ..latent.generator import Generator
+
+    if args.output.resolve() == args.model.resolve():
+        raise InputError(f"-o {str(args.output)!r} is the input model; write the instance to a new file")
+    if not args.output.parent.exists():
+        raise InputError(f"output folder {str(args.output.parent)!r} does not exist; create it first")
+    instance = args.instance or args.output.stem
+    gen = Generator.load(args.model, autoencoder=TAEF2.load(args.weights))
+    if getattr(gen, "fingerprint_", None):
+        raise InputError(f"{str(args.model)!r} is already a fingerprinted instance "
+                         f"({gen.fingerprint_.get('instance')!r}); issue instances from the unfingerprinted model")
+    owner = _owner(args)
+    entry, inst = issue_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed, note=args.note)
+    try:
+        inst.save(args.output)
+    except Exception:
+        print(f"faceprint: the code for instance {instance!r} is recorded in the registry but {str(args.output)!r} "
+              "was not written; issue again under another --instance name", file=sys.stderr)
+        raise
+    _say(args, f"issued instance {instance!r} to {args.to!r} (code {entry.code[:8]}..., registry {owner.registry}); "
+               f"wrote {args.output}")
+    return 0
+
+
+def _image_files(paths):
+    from ..data.folder import FaceFolder
+
+    files = []
+    for p in paths:
+        if p.is_dir():
+            ff = FaceFolder(p)
+            files.extend(ff.root / r for r in ff.relpaths)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"image {str(p)!r} does not exist")
+    return files
+
+
+def _decode_files(files, key, ae, batch=64):
+    import torch
+
+    from ..data.folder import load_image
+    from ..fingerprint.owner import decode_images
+
+    out = []
+    for s in range(0, len(files), batch):
+        out.append(decode_images(torch.stack([load_image(f, 128) for f in files[s:s + batch]]), key, ae))
+    return torch.cat(out)
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from ..autoencoder import TAEF2
+    from ..fingerprint.datalevel import fingerprint_bank_instance
+    from ..fingerprint.owner import calibrate, decode_images
+    from ..fingerprint.registry import random_code
+    from ..fingerprint.verification import CalibrationConfig
+    from ..latent.generator import Generator
+    from ..seeding import generator as make_generator
+
+    owner = _owner(args)
+    key = owner.load_key()
+    ae = TAEF2.load(args.weights)
+    gen = Generator.load(args.model, autoencoder=ae)
+    files = _image_files(args.negatives)
+    _say(args, f"decoding {len(files)} negative photos")
+    parts = {"photos": _decode_files(files, key, ae)}
+
+    def faces(g, n, seed):
+        out = []
+        for s in range(0, n, 250):
+            out.append(decode_images(ae.decode(g.sample_latents(min(250, n - s), seed=seed, start=s).latents), key, ae))
+        return torch.cat(out) if out else torch.zeros(0, 128, dtype=torch.bool)
+
+    if args.faces:
+        _say(args, f"decoding {args.faces} faces of the unfingerprinted model")
+        parts["unfingerprinted faces"] = faces(gen, args.faces, args.seed)
+    if args.instances:
+        g = make_generator(args.seed, "calibration-instances")
+        inst = []
+        for j in range(args.instances):
+            ig = fingerprint_bank_instance(gen, key, random_code(generator=g))
+            inst.append(faces(ig, args.faces_per_instance, args.seed + 1 + j))
+        parts["other instances' faces"] = torch.cat(inst)
+    decoded = torch.cat(list(parts.values()))
+    desc = ", ".join(f"{len(v)} {k}" for k, v in parts.items())
+    cal = calibrate(decoded, seed=args.seed, description=desc, config=CalibrationConfig(target_fpr=args.target_fpr, min_negatives=args.min_negatives))
+    owner.folder.mkdir(parents=True, exist_ok=True)
+    cal.save(owner.calibration)
+    h = cal.histogram
+    top = int(torch.nonzero(h).max())
+    print(f"negatives: {cal.n_negatives} ({desc}), each against {cal.codes_compared} random codes")
+    print(f"best matching bits: max {top} of {cal.n_bits}; threshold {cal.threshold} "
+          f"(false-positive rate {cal.operating_fpr:.2g}, 95% upper bound {cal.operating_fpr_upper_bound:.2g}, "
+          f"target {args.target_fpr:g}); wrote {owner.calibration}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from dataclasses import asdict
+
+    with _owner(args).open_registry() as reg:
+        entries = reg.all()
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=1))
+        return 0
+    for e in entries:
+        print(f"{e.issued_at}  {e.code}  {e.instance:24s} {e.recipient}")
+    print(f"{len(entries)} issued", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from dataclasses import asdict
+
+    from ..autoencoder import TAEF2
+    from ..fingerprint.verification import verify
+
+    owner = _owner(args)
+    key = owner.load_key()
+    cal = owner.load_calibration()
+    files = _image_files(args.images)
+    ae = TAEF2.load(args.weights)
+    decoded = _decode_files(files, key, ae)
+    with owner.open_registry() as reg:
+        verdicts = verify(decoded, cal, registry=reg)
+    for f, v in zip(files, verdicts):
+        if args.json:
+            print(json.dumps({"image": str(f), **asdict(v)}))
+        elif v.match:
+            print(f"{f}: MATCH instance {v.instance!r} (recipient {v.recipient!r}); {v.matching_bits}/{v.n_bits} bits "
+                  f"(bit accuracy {v.bit_accuracy:.3f}), p-value {v.p_value:.2g}, false-positive rate "
+                  f"<= {v.fpr_upper_bound:.2g} (threshold {v.threshold})")
+        else:
+            print(f"{f}: not ours (nearest instance {v.nearest_instance!r}: {v.matching_bits}/{v.n_bits} bits, "
+                  f"a match needs {v.threshold})")
+    return 0

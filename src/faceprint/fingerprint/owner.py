@@ -1,0 +1,171 @@
+"""The model owner's side of fingerprinting: key, registry, calibration; issue and verify.
+
+A model owner fits one faceprint model and hands a separate copy (an *instance*) to each user.
+Every instance carries its own 128-bit code in the latent memory its refinement step copies
+from (the data-level mechanism of :mod:`faceprint.fingerprint.datalevel`, the default: it is
+the only one of the three mechanisms that is blind, survives fit -> generate exactly, and costs
+nothing at generation time; see ``python -m faceprint.bench fingerprint``). The owner keeps
+three things, by default together in one folder (:func:`default_owner_dir`):
+
+  key.safetensors          the secret embedding key (slot assignment, spreading vectors,
+                           dithers; file mode 0600). Made on the first ``issue`` from the
+                           model's memory and a random key seed. Without it nobody can read
+                           or forge a code, and neither can the owner: back it up.
+  registry.sqlite          the issued codes (faceprint.fingerprint.registry); PostgreSQL via a
+                           URL instead, if several people issue.
+  calibration.safetensors  the measured distribution of matching bits of negatives (images
+                           that carry none of the codes), which sets the decision threshold and
+                           the false-positive rate a verdict reports.
+
+Calibration compares each negative with ``CALIBRATION_CODES`` random codes (not only the
+issued ones), so one calibration serves every registry of up to that many instances without
+a union-bound penalty: a registry's codes are random draws too, and the best match among
+fewer codes is stochastically smaller.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..seeding import generator as make_generator
+from .datalevel import MECHANISM, BankFingerprintConfig, BankFingerprinter, fingerprint_bank_instance
+
+__all__ = ["CALIBRATION_CODES", "Owner", "default_owner_dir", "issue_instance", "decode_images"]
+
+CALIBRATION_CODES = 1024
+KEY_FILE = "key.safetensors"
+REGISTRY_FILE = "registry.sqlite"
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+def default_owner_dir() -> Path:
+    """``$FACEPRINT_OWNER_DIR``, else ``$XDG_DATA_HOME/faceprint/owner`` (``~/.local/share/...``)."""
+    env = os.environ.get("FACEPRINT_OWNER_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "faceprint" / "owner"
+
+
+@dataclass
+class Owner:
+    """Where an owner's key, registry and calibration live.
+
+    Parameters
+    ----------
+    folder : path, optional
+        Default :func:`default_owner_dir`.
+    registry : str or path, optional
+        A registry URL (``sqlite:///...``, ``postgresql+psycopg://...``) or SQLite file; default
+        ``folder/registry.sqlite``.
+    calibration : path, optional
+        Default ``folder/calibration.safetensors``.
+    """
+
+    folder: Path | None = None
+    registry: str | Path | None = None
+    calibration: Path | None = None
+
+    def __post_init__(self):
+        self.folder = Path(self.folder).expanduser() if self.folder is not None else default_owner_dir()
+        if self.registry is None:
+            self.registry = self.folder / REGISTRY_FILE
+        self.calibration = Path(self.calibration).expanduser() if self.calibration is not None \
+            else self.folder / CALIBRATION_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.folder / KEY_FILE
+
+    def _ensure_folder(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.folder, 0o700)
+        except OSError as e:
+            raise InputError(f"owner folder {str(self.folder)!r} cannot be created ({e}); pass --owner DIR") from None
+
+    def open_registry(self):
+        from .registry import Registry
+
+        if isinstance(self.registry, Path) or "://" not in str(self.registry):
+            path = Path(self.registry)
+            if not path.parent.exists():
+                if path.parent == self.folder:
+                    self._ensure_folder()
+                else:
+                    raise InputError(f"registry folder {str(path.parent)!r} does not exist; create it or pass another --registry")
+        return Registry(self.registry)
+
+    def load_key(self) -> BankFingerprinter:
+        if not self.key_path.is_file():
+            raise InputError(f"no fingerprint key at {str(self.key_path)!r}: issue an instance first "
+                             "(`faceprint fingerprint issue`), or pass the --owner folder that holds key.safetensors")
+        return BankFingerprinter.load(self.key_path)
+
+    def key_for(self, gen, *, key_seed: int | None = None) -> BankFingerprinter:
+        """The owner's key, made from ``gen``'s memory on first use (a random secret key seed
+        unless ``key_seed`` is given, for reproducible experiments)."""
+        if self.key_path.is_file():
+            key = BankFingerprinter.load(self.key_path)
+            shape = tuple(gen.bank_.shape[1:])
+            if tuple(key.shape_) != shape:
+                raise ConfigError(f"the owner key {str(self.key_path)!r} is for latents of shape {tuple(key.shape_)}, "
+                                  f"this model's are {shape} (another image size): use another --owner folder")
+            return key
+        seed = secrets.randbits(62) if key_seed is None else key_seed
+        key = BankFingerprinter(BankFingerprintConfig(key_seed=seed)).fit(gen.bank_.float(), gen.autoencoder)
+        self._ensure_folder()
+        key.save(self.key_path)
+        return key
+
+    def load_calibration(self):
+        from .verification import Calibration
+
+        if not self.calibration.is_file():
+            raise InputError(f"no calibration at {str(self.calibration)!r}: measure the false-positive rate first with "
+                             "`faceprint fingerprint calibrate MODEL --negatives PHOTOS/`")
+        return Calibration.load(self.calibration)
+
+
+def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance: str, *,
+                   seed: int | None = None, key_seed: int | None = None, note: str | None = None):
+    """Draw a new code in the owner's registry and return (entry, fingerprinted copy of ``gen``).
+
+    ``seed`` draws the code reproducibly (default: from the operating system's randomness)."""
+    key = owner.key_for(gen, key_seed=key_seed)
+    with owner.open_registry() as reg:
+        entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=secrets.randbits(62) if seed is None else seed,
+                          note=note)
+    inst = fingerprint_bank_instance(gen, key, entry.bits, {"instance": instance, "recipient": recipient,
+                                                            "issued_at": entry.issued_at})
+    inst.record_operation({"operation": "fingerprint", "mechanism": MECHANISM, "instance": instance,
+                           "recipient": recipient, "base_model_sha256": model_hash})
+    return entry, inst
+
+
+@torch.no_grad()
+def decode_images(images: torch.Tensor | Iterable[torch.Tensor], key: BankFingerprinter, autoencoder) -> torch.Tensor:
+    """Decoded bits (N, 128) bool of images (N, 3, H, W) in [0, 1], or of an iterable of such batches."""
+    batches = [images] if isinstance(images, torch.Tensor) else images
+    out = [key.decode_bits(b, autoencoder) > 0.5 for b in batches]
+    if not out:
+        raise InputError("no images to decode")
+    return torch.cat(out)
+
+
+def calibrate(decoded_negatives: torch.Tensor, *, codes: int = CALIBRATION_CODES, seed: int = 0,
+              description: str = "", config=None):
+    """A Calibration from decoded negatives against ``codes`` random codes (seeded)."""
+    from .registry import random_code
+    from .verification import Calibration
+
+    g = make_generator(seed, "fingerprint-calibration-codes")
+    c = torch.stack([random_code(generator=g) for _ in range(codes)])
+    return Calibration.from_negatives(decoded_negatives, c, config=config, description=description)

@@ -1,0 +1,134 @@
+"""`faceprint fingerprint issue|calibrate|list` and `faceprint verify`, end to end on a real small model."""
+
+import io
+import json
+import os
+import stat
+
+import pytest
+from PIL import Image
+
+from faceprint.cli.main import main
+from faceprint.io import load_artifact
+
+
+@pytest.fixture(autouse=True)
+def _private_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEPRINT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def owned(tmp_path_factory, celeba_dir):
+    """A model, two issued instances, their faces, a calibration: what an owner has."""
+    root = tmp_path_factory.mktemp("owner")
+    photos = root / "photos"
+    photos.mkdir()
+    for p in sorted(celeba_dir.iterdir())[:64]:
+        (photos / p.name).symlink_to(p)
+    neg = root / "negatives"
+    neg.mkdir()
+    for p in sorted(celeba_dir.iterdir())[64:264]:
+        (neg / p.name).symlink_to(p)
+    owner = root / "keys"
+    m = root / "m.safetensors"
+    assert main(["fit", str(photos), "-o", str(m), "--components", "2", "-q"]) == 0
+    ow = ["--owner", str(owner)]
+    for name, seed in (("alice", "1"), ("bob", "2")):
+        assert main(["fingerprint", "issue", str(m), "--to", name.title(), "-o", str(root / f"{name}.safetensors"),
+                     "--seed", seed, "-q", *ow]) == 0
+        assert main(["generate", str(root / f"{name}.safetensors"), "-n", "6", "-o", str(root / name), "-q"]) == 0
+    assert main(["generate", str(m), "-n", "4", "-o", str(root / "plain"), "--seed", "7", "-q"]) == 0
+    assert main(["fingerprint", "calibrate", str(m), "--negatives", str(neg), "--faces", "60", "--instances", "1",
+                 "--faces-per-instance", "60", "--min-negatives", "300", "--target-fpr", "0.02", "-q", *ow]) == 0
+    return root, m, ow
+
+
+def _verify(capsys, ow, *images):
+    capsys.readouterr()
+    assert main(["verify", "--json", *map(str, images), "-q", *ow]) == 0
+    return [json.loads(line) for line in capsys.readouterr()[0].splitlines()]
+
+
+def test_instances_verify_to_their_own_recipient(owned, capsys):
+    root, _, ow = owned
+    faces = sorted((root / "alice").glob("face_*.png")) + sorted((root / "bob").glob("face_*.png"))
+    out = _verify(capsys, ow, *faces)
+    assert len(out) == 12
+    assert [v["instance"] for v in out] == ["alice"] * 6 + ["bob"] * 6
+    assert all(v["match"] and v["recipient"] in ("Alice", "Bob") for v in out)
+    assert min(v["bit_accuracy"] for v in out) > 0.85
+    assert all(v["registry_size"] == 2 and v["fpr_upper_bound"] <= 0.02 for v in out)
+
+
+def test_unfingerprinted_faces_and_real_photos_are_not_ours(owned, celeba_dir, capsys):
+    root, _, ow = owned
+    plain = sorted((root / "plain").glob("face_*.png"))
+    real = sorted(celeba_dir.iterdir())[300:304]
+    out = _verify(capsys, ow, *plain, *real)
+    assert not any(v["match"] for v in out)
+    assert all(v["instance"] is None and v["matching_bits"] < v["threshold"] for v in out)
+
+
+def test_another_owner_key_reads_nothing(owned, tmp_path, capsys):
+    """A face verified with a different owner's key and registry must not match: the code is
+    bound to the key, not only to the registry."""
+    root, m, _ = owned
+    other = ["--owner", str(tmp_path / "other")]
+    assert main(["fingerprint", "issue", str(m), "--to", "Carol", "-o", str(tmp_path / "c.safetensors"),
+                 "--seed", "1", "-q", *other]) == 0  # same code seed as alice, other key
+    (tmp_path / "other" / "calibration.safetensors").write_bytes((root / "keys" / "calibration.safetensors").read_bytes())
+    out = _verify(capsys, other, *sorted((root / "alice").glob("face_*.png")))
+    assert not any(v["match"] for v in out)
+
+
+def test_survives_mild_jpeg(owned, tmp_path, capsys):
+    root, _, ow = owned
+    paths = []
+    for f in sorted((root / "bob").glob("face_*.png"))[:4]:
+        buf = io.BytesIO()
+        Image.open(f).convert("RGB").save(buf, "JPEG", quality=90)
+        p = tmp_path / (f.stem + ".jpg")
+        p.write_bytes(buf.getvalue())
+        paths.append(p)
+    out = _verify(capsys, ow, *paths)
+    assert sum(v["instance"] == "bob" for v in out) >= 3
+    assert not any(v["match"] and v["instance"] != "bob" for v in out)
+
+
+def test_key_is_private_and_not_in_the_released_instance(owned, capsys):
+    root, _, ow = owned
+    key = root / "keys" / "key.safetensors"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    _, meta = load_artifact(root / "alice.safetensors")
+    fp = meta["fingerprint"]
+    assert fp["instance"] == "alice" and fp["recipient"] == "Alice"
+    assert "key_seed" not in json.dumps(fp)
+    assert meta["provenance"]["operations"][-1]["operation"] == "fingerprint"
+    assert stat.S_IMODE(os.stat(root / "alice.safetensors").st_mode) & 0o044  # a released file is readable
+
+
+def test_registry_list_and_errors(owned, tmp_path, capsys):
+    root, m, ow = owned
+    capsys.readouterr()
+    assert main(["fingerprint", "list", "--json", *ow]) == 0
+    rows = json.loads(capsys.readouterr()[0])
+    assert [r["instance"] for r in rows] == ["alice", "bob"] and len({r["code"] for r in rows}) == 2
+    # an instance name is issued once
+    code = main(["fingerprint", "issue", str(m), "--to", "X", "-o", str(tmp_path / "x.safetensors"),
+                 "--instance", "alice", *ow])
+    assert code == 2 and "alice" in capsys.readouterr()[1]
+    # an instance is not a base for more instances
+    code = main(["fingerprint", "issue", str(root / "alice.safetensors"), "--to", "X", "-o",
+                 str(tmp_path / "y.safetensors"), *ow])
+    assert code == 2 and "already a fingerprinted instance" in capsys.readouterr()[1]
+    # verification needs a calibration
+    code = main(["fingerprint", "issue", str(m), "--to", "D", "-o", str(tmp_path / "d.safetensors"),
+                 "--owner", str(tmp_path / "fresh")])
+    assert code == 0
+    code = main(["verify", str(sorted((root / "alice").glob("face_*.png"))[0]), "--owner", str(tmp_path / "fresh")])
+    assert code == 2 and "calibrate" in capsys.readouterr()[1]
+    # too few negatives for the requested guarantee: refused, nothing written
+    code = main(["fingerprint", "calibrate", str(m), "--negatives", str(root / "plain"), "--faces", "0",
+                 "--instances", "0", "--owner", str(tmp_path / "fresh")])
+    assert code == 2 and "negatives" in capsys.readouterr()[1]
+    assert not (tmp_path / "fresh" / "calibration.safetensors").exists()
