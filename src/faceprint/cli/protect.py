@@ -157,7 +157,9 @@ def cmd_calibrate(args) -> int:
     def faces(g, n, seed):
         out = []
         for s in range(0, n, 250):
-            out.append(decode_images(ae.decode(g.sample_latents(min(250, n - s), seed=seed, start=s).latents), key, ae))
+            imgs = ae.decode(g.sample_latents(min(250, n - s), seed=seed, start=s).latents)
+            imgs = (imgs.clamp(0, 1) * 255).round() / 255  # as saved to an 8-bit file, which is what verify reads
+            out.append(decode_images(imgs, key, ae))
         return torch.cat(out) if out else torch.zeros(0, 128, dtype=torch.bool)
 
     if args.faces:
