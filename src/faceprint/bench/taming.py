@@ -32,7 +32,8 @@ DATA = Path(__file__).resolve().parents[3].parent / "shared" / "datasets"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--part", choices=("forget", "rebalance", "coverage", "all"), default="all")
+    p.add_argument("--part", default="all",
+                   help="forget, rebalance, coverage, a comma-separated list of them, or all (default)")
     p.add_argument("--datasets", type=Path, default=None, help="folder holding celeba-10k, celeba-id, utkface "
                                                                 "(default ../shared/datasets)")
     p.add_argument("-n", type=int, default=2000, help="faces generated per model (default 2000)")
@@ -343,7 +344,10 @@ def run(args) -> int:
     ref = _reference_features(ds, inc, args.reference_n, args.batch)
     print(f"  reference features: {len(ref)} photos in {time.perf_counter() - t0:.0f} s", flush=True)
     doc = {"machine": info}
-    parts = ("forget", "rebalance", "coverage") if args.part == "all" else (args.part,)
+    parts = ("forget", "rebalance", "coverage") if args.part == "all" else tuple(x.strip() for x in args.part.split(","))
+    bad = [x for x in parts if x not in ("forget", "rebalance", "coverage")]
+    if bad:
+        raise SystemExit(f"--part {args.part!r}: unknown part(s) {', '.join(bad)}; use forget, rebalance, coverage or all")
     for part in parts:
         if part == "forget":
             doc["forget"] = run_forget(args, ds, ae, inc, ref)
