@@ -28,3 +28,15 @@ def celeba_latents(celeba_dir, taef2, tmp_path_factory):
 
     cache = LatentCache(tmp_path_factory.mktemp("cache"))
     return encode_folder(FaceFolder(celeba_dir, size=128, limit=96), taef2, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of small-tensor tests: faster, and far faster on a
+    shared, loaded CPU. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ pytest.importorskip("pywt", reason="invisible-watermark needs PyWavelets")
 from faceprint.fingerprint.posthoc import PosthocConfig, PosthocWatermark, upsample_factor  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -48,19 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fingerprint import ATTACK_COLUMNS as FINGERPRINT_ATTACK_COLUMNS
 from .machine import describe, print_table
 
 #: (column, attack name in faceprint.fingerprint.attacks.ATTACKS, strength): papers/004's working range
-ATTACK_COLUMNS = (
-    ("clean", None, None),
-    ("JPEG 50", "jpeg", 50),
-    ("blur k5", "gaussian_blur", 5),
-    ("noise 0.05", "gaussian_noise", 0.05),
-    ("crop 86%", "crop_resize", 0.86),
-    ("resize 0.5", "resize_down_up", 0.5),
-    ("TAEF2 round trip", "autoencoder_roundtrip", 1),
-    ("random combination p=0.5", "random_combination", 0.5),
-)
+ATTACK_COLUMNS = FINGERPRINT_ATTACK_COLUMNS + (("random combination p=0.5", "random_combination", 0.5),)
 STEP_COLUMNS = ATTACK_COLUMNS[:4]  # clean, JPEG 50, blur 5, noise 0.05
 REF_FIRST, REF_LAST = 5001, 10000  # the celeba-1k protocol's FID reference files
 
