@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import torch
 from PIL import Image
 
 from faceprint.cli.main import main
@@ -132,3 +133,20 @@ def test_registry_list_and_errors(owned, tmp_path, capsys):
                  "--instances", "0", "--owner", str(tmp_path / "fresh")])
     assert code == 2 and "negatives" in capsys.readouterr()[1]
     assert not (tmp_path / "fresh" / "calibration.safetensors").exists()
+
+
+def test_existing_key_is_reused_and_a_different_key_seed_is_refused(owned, tmp_path):
+    from faceprint.autoencoder import TAEF2
+    from faceprint.errors import ConfigError
+    from faceprint.fingerprint.owner import Owner
+    from faceprint.latent.generator import Generator
+
+    _, m, _ = owned
+    gen = Generator.load(m, autoencoder=TAEF2.load())
+    owner = Owner(tmp_path / "o")
+    first = owner.key_for(gen, key_seed=5)
+    again = owner.key_for(gen)  # no seed: the stored key, whatever made it
+    assert again.config.key_seed == 5 and torch.equal(again.assign_, first.assign_)
+    assert owner.key_for(gen, key_seed=5).config.key_seed == 5
+    with pytest.raises(ConfigError, match="another key seed"):
+        owner.key_for(gen, key_seed=6)

@@ -111,13 +111,18 @@ class Owner:
 
     def key_for(self, gen, *, key_seed: int | None = None) -> BankFingerprinter:
         """The owner's key, made from ``gen``'s memory on first use (a random secret key seed
-        unless ``key_seed`` is given, for reproducible experiments)."""
+        unless ``key_seed`` is given, for reproducible experiments). An existing key is reused;
+        asking for a ``key_seed`` it was not made with is an error, not a silent substitution."""
         if self.key_path.is_file():
             key = BankFingerprinter.load(self.key_path)
             shape = tuple(gen.bank_.shape[1:])
             if tuple(key.shape_) != shape:
                 raise ConfigError(f"the owner key {str(self.key_path)!r} is for latents of shape {tuple(key.shape_)}, "
                                   f"this model's are {shape} (another image size): use another --owner folder")
+            if key_seed is not None and key.config.key_seed != key_seed:
+                raise ConfigError(f"the owner key {str(self.key_path)!r} was made with another key seed than the "
+                                  f"{key_seed} asked for: drop the key seed to use the existing key, or pass another "
+                                  "--owner folder for a new one")
             return key
         seed = secrets.randbits(62) if key_seed is None else key_seed
         key = BankFingerprinter(BankFingerprintConfig(key_seed=seed)).fit(gen.bank_.float(), gen.autoencoder)
