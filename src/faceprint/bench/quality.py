@@ -64,6 +64,8 @@ def add_arguments(p) -> None:
                    help="rank temperatures of the trade-off sweep ('' to skip)")
     p.add_argument("--sweep-n", type=int, default=2000, help="faces per lambda in the sweep (default 2000)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, Markdown and PNGs")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the methods an interrupted run with the same settings finished (OUT/partial/)")
     p.add_argument("--reference-n", type=int, default=None, help="use only the first N reference photos (smoke runs)")
     p.add_argument("--batch", type=int, default=250, help="faces generated/decoded/featurised per chunk")
 
@@ -147,12 +149,13 @@ def run(args) -> int:
     print_table("Setup and generation time", ["stage", "value"], _speed_rows(speed))
 
     def photo_features(indices, tag):
-        feats = []
-        for s in range(0, len(indices), args.batch):
-            imgs = torch.stack([folder.load_one(i) for i in indices[s:s + args.batch]])
-            feats.append(inc.features(imgs))
-        print(f"  features of {len(indices)} {tag} photos", flush=True)
-        return np.concatenate(feats)
+        # kept in the user's feature cache (outside the repository), keyed by the files' content
+        from .taming import cached_features
+
+        t = time.perf_counter()
+        feats = cached_features([folder.paths[i] for i in indices], inc, args.batch)
+        print(f"  features of {len(indices)} {tag} photos ({time.perf_counter() - t:.0f} s)", flush=True)
+        return feats
 
     t0 = time.perf_counter()
     ref_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in ref_idx], "reference")
@@ -166,7 +169,18 @@ def run(args) -> int:
     # ---------------------------------------------------------------- per method
     results = {}
     sheet = []
+    partial = args.out / "partial"
+    run_key = {"protocol": proto.name, "seed": args.seed, "n": args.n, "reference_n": len(ref_idx), "batch": args.batch,
+               "faceprint": info.get("faceprint")}
     for method in methods:
+        done = partial / f"{method}.json"
+        if args.resume and done.is_file():
+            saved = json.loads(done.read_text())
+            if saved.get("run") == run_key:
+                results[method] = saved["row"]
+                sheet.append(np.load(partial / f"{method}-sheet.npy", allow_pickle=False))
+                print(f"  {method}: FID {results[method]['fid']:.2f} (resumed from {done})", flush=True)
+                continue
         t_samp = t_dec = t_feat = 0.0
         feats, lats, provs = [], [], []
         n = args.n if method != "ae-recon" else min(args.n, len(held_idx))
@@ -211,6 +225,14 @@ def run(args) -> int:
         if provs:
             row["provenance"] = _jsonable(provenance_stats(torch.cat(provs).numpy()))
         results[method] = row
+        # each finished method is kept (outside the repository) so that --resume can skip it
+        from ..io import atomic_path, atomic_write_text
+
+        partial.mkdir(exist_ok=True)
+        with atomic_path(partial / f"{method}-sheet.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, sheet[-1], allow_pickle=False)
+        atomic_write_text(done, json.dumps({"run": run_key, "row": _jsonable(row)}, default=float))
         print(f"  {method}: FID {row['fid']:.2f}  ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
 
     doc = {"machine": info, "protocol": proto.__dict__, "results": results, "timing": timing,
