@@ -145,20 +145,70 @@ def run_rebalance(args, ds, ae, inc, ref) -> dict:
                                  "utkface": {"race": _model("utkface", args, ds, ae, inc, ref)["clf"].metrics_roundtrip_["race"]}}}
 
 
+def corrected_interval(measured, confusion, support, n: int, *, draws: int = 4000, seed: int = 0):
+    """95% interval of classifier-corrected class shares (:func:`correct_proportions`), by a
+    parametric bootstrap over both error sources: the n classified faces (multinomial on the
+    measured shares) and the held-out photos the confusion rates were measured on (multinomial
+    per true class, ``support`` photos each). Returns (low, high), each (C,)."""
+    m = np.asarray(measured, dtype=np.float64)
+    C = np.asarray(confusion, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(draws):
+        mb = rng.multinomial(n, m / m.sum()) / n
+        Cb = np.stack([rng.multinomial(int(s), row / row.sum()) / max(int(s), 1) for row, s in zip(C, support)])
+        try:
+            out.append(np.linalg.solve(Cb.T, mb))
+        except np.linalg.LinAlgError:
+            continue
+    q = np.percentile(np.asarray(out), [2.5, 97.5], axis=0)
+    return q[0], q[1]
+
+
+def _intervals(res) -> dict:
+    """(dataset, attribute, value) -> 95% interval of the corrected share after rebalancing."""
+    rates = res.get("classifier_rates", {})
+    groups: dict = {}
+    for r in res["rows"]:
+        groups.setdefault((r["dataset"], r["attribute"]), []).append(r)
+    out = {}
+    for (ds, attr), rs in groups.items():
+        cr = rates.get(ds, {}).get(attr)
+        if cr is None:
+            continue
+        classes = list(cr["classes"])
+        m = {r["value"]: r["measured_after"] for r in rs}
+        if len(classes) == 2 and len(m) == 1:  # binary: the other class has the rest
+            (v, x), = m.items()
+            m[[c for c in classes if c != v][0]] = 1 - x
+        if set(m) != set(classes):
+            continue  # not every class's share is known
+        lo, hi = corrected_interval([m[c] for c in classes], cr["confusion"], cr["support"], res["n"])
+        for i, c in enumerate(classes):
+            out[(ds, attr, c)] = (float(lo[i]), float(hi[i]))
+    return out
+
+
 def rebalance_tables(res) -> None:
     rows = []
+    ci = _intervals(res)
     for r in res["rows"]:
+        lo, hi = ci.get((r["dataset"], r["attribute"], r["value"]), (float("nan"), float("nan")))
+        inside = "yes" if lo <= r["requested"] <= hi else ("no" if lo == lo else "?")
         rows.append([r["dataset"], f"{r['attribute']}={r['value']}", f"{r['data_share']:.3f}",
                      f"{r['requested']:.3f}", f"{r['model_before']:.3f} -> {r['model_after']:.3f}",
                      f"{r['measured_before']:.3f} -> {r['measured_after']:.3f}",
-                     f"{r['corrected_before']:.3f} -> {r['corrected_after']:.3f}", f"{r['error_pp']:.1f}",
+                     f"{r['corrected_before']:.3f} -> {r['corrected_after']:.3f}", f"[{lo:.3f}, {hi:.3f}]", inside,
+                     f"{r['error_pp']:.1f}",
                      f"{r['quality_before']['fid']:.2f} -> {r['quality_after']['fid']:.2f}",
                      f"{r['quality_before']['recall']:.3f} -> {r['quality_after']['recall']:.3f}",
                      f"{r['seconds'] * 1000:.0f} ms ({100 * r['seconds'] / r['fit_seconds']:.1f}% of fit)"])
     print_table(f"Rebalancing ({res['n']} faces per model; shares measured by the attribute classifier on the "
-                "decoded faces, corrected with its round-trip error rates)",
+                "decoded faces, corrected with its round-trip error rates; the interval is a bootstrap over the "
+                "faces and the held-out photos behind the rates)",
                 ["data", "request", "training photos", "requested", "model's own share before -> after",
-                 "measured before -> after", "corrected before -> after", "|corrected - requested| (pp)",
+                 "measured before -> after", "corrected before -> after", "corrected after, 95% interval",
+                 "request inside", "|corrected - requested| (pp)",
                  "FID before -> after", "recall", "time"], rows)
 
 
