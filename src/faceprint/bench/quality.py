@@ -169,6 +169,8 @@ def run(args) -> int:
     # ---------------------------------------------------------------- per method
     results = {}
     sheet = []
+    from ..io import atomic_path, atomic_write_text
+
     partial = args.out / "partial"
     run_key = {"protocol": proto.name, "seed": args.seed, "n": args.n, "reference_n": len(ref_idx), "batch": args.batch,
                "faceprint": info.get("faceprint")}
@@ -226,8 +228,6 @@ def run(args) -> int:
             row["provenance"] = _jsonable(provenance_stats(torch.cat(provs).numpy()))
         results[method] = row
         # each finished method is kept (outside the repository) so that --resume can skip it
-        from ..io import atomic_path, atomic_write_text
-
         partial.mkdir(exist_ok=True)
         with atomic_path(partial / f"{method}-sheet.npy") as tmp:
             with open(tmp, "wb") as fh:
@@ -242,6 +242,13 @@ def run(args) -> int:
     lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
     sweep = []
     for lam in lambdas:
+        done = partial / f"sweep-{lam:g}-{args.sweep_n}.json"
+        if args.resume and done.is_file():
+            saved = json.loads(done.read_text())
+            if saved.get("run") == run_key:
+                sweep.append(saved["row"])
+                print(f"  lambda {lam}: FID {sweep[-1]['fid']:.2f} (resumed from {done})", flush=True)
+                continue
         feats = []
         for s in range(0, args.sweep_n, args.batch):
             m = min(args.batch, args.sweep_n - s)
@@ -251,6 +258,8 @@ def run(args) -> int:
         pr = precision_recall(ref_feat, F, k=3)
         sweep.append({"lambda": lam, "fid": fid(F, ref_feat), "precision": float(pr[0]), "recall": float(pr[1]),
                       "n": args.sweep_n})
+        partial.mkdir(exist_ok=True)
+        atomic_write_text(done, json.dumps({"run": run_key, "row": sweep[-1]}, default=float))
         print(f"  lambda {lam}: FID {sweep[-1]['fid']:.2f}", flush=True)
     doc["lambda_sweep"] = sweep
     doc["total_seconds"] = time.perf_counter() - t_start
@@ -258,8 +267,6 @@ def run(args) -> int:
     # ---------------------------------------------------------------- outputs
     _print_tables(doc, methods)
     stem = args.out / f"quality-{proto.name}"
-    from ..io import atomic_write_text
-
     atomic_write_text(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=float))
     atomic_write_text(stem.with_suffix(".md"), _markdown(doc, methods))
     render.save_png(render.grid(np.concatenate(sheet), cols=10), stem.parent / f"{stem.name}-samples.png")
