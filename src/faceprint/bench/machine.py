@@ -45,8 +45,10 @@ def describe(extra: dict | None = None) -> dict:
     return info
 
 
-def print_table(title: str, header: list[str], rows: list[list], file=sys.stdout) -> None:
-    """A Markdown table."""
+def print_table(title: str, header: list[str], rows: list[list], file=None) -> None:
+    """A Markdown table (to ``file``, default the current ``sys.stdout``, so that
+    ``contextlib.redirect_stdout`` captures it)."""
+    file = sys.stdout if file is None else file
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
     print(f"\n### {title}\n", file=file)
