@@ -176,13 +176,12 @@ def run(args) -> int:
                "faceprint": info.get("faceprint")}
     for method in methods:
         done = partial / f"{method}.json"
-        if args.resume and done.is_file():
-            saved = json.loads(done.read_text())
-            if saved.get("run") == run_key:
-                results[method] = saved["row"]
-                sheet.append(np.load(partial / f"{method}-sheet.npy", allow_pickle=False))
-                print(f"  {method}: FID {results[method]['fid']:.2f} (resumed from {done})", flush=True)
-                continue
+        saved = _resumed(done, run_key) if args.resume else None
+        if saved is not None:
+            results[method] = saved
+            sheet.append(np.load(partial / f"{method}-sheet.npy", allow_pickle=False))
+            print(f"  {method}: FID {saved['fid']:.2f} (resumed from {done})", flush=True)
+            continue
         t_samp = t_dec = t_feat = 0.0
         feats, lats, provs = [], [], []
         n = args.n if method != "ae-recon" else min(args.n, len(held_idx))
@@ -243,12 +242,11 @@ def run(args) -> int:
     sweep = []
     for lam in lambdas:
         done = partial / f"sweep-{lam:g}-{args.sweep_n}.json"
-        if args.resume and done.is_file():
-            saved = json.loads(done.read_text())
-            if saved.get("run") == run_key:
-                sweep.append(saved["row"])
-                print(f"  lambda {lam}: FID {sweep[-1]['fid']:.2f} (resumed from {done})", flush=True)
-                continue
+        saved = _resumed(done, run_key) if args.resume else None
+        if saved is not None:
+            sweep.append(saved)
+            print(f"  lambda {lam}: FID {saved['fid']:.2f} (resumed from {done})", flush=True)
+            continue
         feats = []
         for s in range(0, args.sweep_n, args.batch):
             m = min(args.batch, args.sweep_n - s)
@@ -421,6 +419,14 @@ def _print_tables(doc, methods):
         print_table("Rank temperature sweep (LR-GMM-NN)", ["lambda", "n", "FID", "precision", "recall"],
                     [[s["lambda"], s["n"], f"{s['fid']:.2f}", f"{s['precision']:.3f}", f"{s['recall']:.3f}"]
                      for s in doc["lambda_sweep"]])
+
+
+def _resumed(path, run_key: dict):
+    """The row a run with the same settings saved at ``path`` (OUT/partial/), or None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["row"] if saved.get("run") == run_key else None
 
 
 def _markdown(doc, methods) -> str:
