@@ -78,3 +78,25 @@ def test_split_pools_a_small_cell_into_one_part():
     assert sorted(info["parent"][i]) == sorted(set(lab[:4].tolist()))
     assert torch.allclose(gm.means_[i], X[:4].mean(0), atol=1e-6)
     assert abs(float(gm.weights_[i]) - 4 / 300) < 1e-9
+
+
+def test_remove_points_in_float32_agrees_with_float64():
+    """A Generator keeps float32 parameters; the edit then runs its large products in float32."""
+    X, _ = _data()
+    gm = GaussianMixture(MixtureConfig(n_components=3, member_tol=0.0)).fit(X, generator=generator(0))
+    R = gm.predict_proba(X)
+    gm._m_step(X, R)
+    g32 = GaussianMixture(MixtureConfig(n_components=3, member_tol=0.0))
+    g32._m_step(X, R)
+    g32.astype(torch.float32)
+    gone = torch.tensor([3, 17, 18, 40, 77, 101])
+    info64 = gm.remove_points(X[gone], len(X))
+    info32 = g32.remove_points(X[gone], len(X))
+    assert info32["updated"] == info64["updated"] and g32.means_.dtype == torch.float32
+    assert torch.allclose(g32.weights_.double(), gm.weights_, atol=1e-6)
+    assert torch.allclose(g32.means_.double(), gm.means_, atol=1e-4)
+    for k in range(3):
+        c64 = gm.covariance(k)
+        assert torch.allclose(g32.covariance(k).double(), c64, atol=1e-4 * float(c64.abs().max()))
+        U = g32.eigvecs_[k].double()
+        assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-4)

@@ -28,8 +28,16 @@ def _majority_photo(prov):
 def test_forget_removes_every_latent_pixel_of_the_photos(fitted, tmp_path):
     gone = list(range(0, 96, 8))  # 12 photos
     forgotten = fitted.bank_[gone]
+    mix0 = fitted.mixture_
+    state = [t.clone() for t in (fitted.bank_, mix0.weights_, mix0.means_, mix0.labels_, *mix0.eigvecs_, *mix0.eigvals_)]
+    samples0 = fitted.sample_latents(20, seed=3).latents
     g2, rep = forget(fitted, gone, name="test person")
     assert g2.n_photos == 84 and fitted.n_photos == 96
+    # the original model is untouched (the copy shares tensors it never writes)
+    now = [fitted.bank_, mix0.weights_, mix0.means_, mix0.labels_, *mix0.eigvecs_, *mix0.eigvals_]
+    assert fitted.mixture_ is mix0 and all(torch.equal(a, b) for a, b in zip(state, now))
+    assert torch.equal(fitted.sample_latents(20, seed=3).latents, samples0)
+    assert g2.mixture_ is not mix0 and g2.mixture_.weights_.numel() <= 3
     assert rep.components_before == 3
     assert all(a < b for a, b in zip(rep.log_prob_after, rep.log_prob_before))
     smp = g2.sample_latents(200, seed=1)

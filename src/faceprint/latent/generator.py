@@ -371,16 +371,27 @@ class Generator:
             return getattr(ae, "base_id", getattr(ae, "id", None))
         return self.provenance_.get("autoencoder")
 
-    def copy(self) -> "Generator":
-        """An independent copy of the fitted state (the autoencoder is shared, not copied)."""
+    def copy(self, *, share: tuple[str, ...] = ()) -> "Generator":
+        """An independent copy of the fitted state (the autoencoder is shared, not copied).
+
+        ``share`` names attributes the copy takes by reference instead of copying (e.g.
+        ``("bank_",)`` when the caller replaces the bank anyway: it saves copying the memory)."""
         self._check_fitted()
-        ae, self.autoencoder = self.autoencoder, None
+        for name in share:
+            if name not in ("bank_", "projector_", "mixture_", "training_"):
+                raise ValueError(f"share: {name!r} is not a shareable attribute")
+        held = {name: getattr(self, name) for name in ("autoencoder", *share)}
         cache, self._cache = self._cache, {}
+        for name in held:
+            setattr(self, name, None)
         try:
             g = copy.deepcopy(self)
         finally:
-            self.autoencoder, self._cache = ae, cache
-        g.autoencoder = ae
+            for name, v in held.items():
+                setattr(self, name, v)
+            self._cache = cache
+        for name, v in held.items():
+            setattr(g, name, v)
         return g
 
     def record_operation(self, op: dict) -> None:

@@ -228,11 +228,19 @@ class GaussianMixture:
         M = X.shape[0]
         if not (isinstance(n_total, int) and n_total > M):
             raise InputError(f"n_total must be an int larger than the {M} removed points, got {n_total!r}")
-        G = (self.predict_proba(X) if resp is None else torch.as_tensor(resp)).double()  # (M, K)
+        if resp is None:  # in the parameters' precision: no conversion of the eigenvectors
+            dt = self.means_.dtype
+            wlp = self._component_log_prob(X.to(dt)) + self.weights_.log()
+            G = (wlp - torch.logsumexp(wlp, 1, keepdim=True)).exp().double()
+        else:
+            G = torch.as_tensor(resp).double()  # (M, K)
         K = self.weights_.numel()
         if G.shape != (M, K):
             raise InputError(f"resp must have shape ({M}, {K}), got {tuple(G.shape)}")
         dtype = self.means_.dtype
+        # the d-sized products run in the parameters' own precision (float32 for a Generator's
+        # mixture: no conversion of the (d, m_k) eigenvectors), the small eigenproblems in float64
+        Xw = X.to(dtype)
         r_tol = self.config.member_tol
         nk = self.weights_.double() * n_total
         mass = G.sum(0)
@@ -243,7 +251,6 @@ class GaussianMixture:
                 dropped.append(k)
                 continue
             kept.append(k)
-            U, e, mu = self.eigvecs_[k].double(), self.eigvals_[k].double(), self.means_[k].double()
             rows = torch.nonzero(G[:, k] > r_tol).squeeze(1)
             if rows.numel() == 0:
                 means.append(self.means_[k])
@@ -251,25 +258,37 @@ class GaussianMixture:
                 eigvecs.append(self.eigvecs_[k])
                 continue
             updated.append(k)
+            U, e, mu = self.eigvecs_[k], self.eigvals_[k].double(), self.means_[k].double()
             g, Xp = G[rows, k], X[rows]
             mu_new = (nk[k] * mu - g @ Xp) / new_n[k]
-            B = _extend_basis(U, torch.cat([mu[:, None], Xp.T], 1))  # (d, m + extra) orthonormal
-            Ub, mub, Xb, mnb = B.T @ U, B.T @ mu, Xp @ B, B.T @ mu_new
-            second = nk[k] * ((Ub * e) @ Ub.T + torch.outer(mub, mub)) - (Xb.T * g) @ Xb
+            # B = [U, Q]: an orthonormal basis of span(U, mu, x_p); C: coordinates of [mu, x_p] in it.
+            # U's own coordinates are [I; 0] and need no product.
+            Q, C = _extend_basis(U, torch.cat([self.means_[k][:, None], Xw[rows].T], 1))
+            C = C.double()
+            m, b = U.shape[1], C.shape[0]
+            mub, Xb = C[:, 0], C[:, 1:].T  # (b,), (M_k, b)
+            mnb = (nk[k] * mub - g @ Xb) / new_n[k]
+            second = nk[k] * torch.outer(mub, mub) - (Xb.T * g) @ Xb
+            second[:m, :m] += nk[k] * torch.diag(e)
             S = second / new_n[k] - torch.outer(mnb, mnb)
             S = (S + S.T) / 2
-            ev, Q = torch.linalg.eigh(S)
+            ev, R = torch.linalg.eigh(S)
             keep = ev > 1e-10 * ev.max().clamp_min(0) + torch.finfo(torch.float64).tiny
-            ev, Q = ev[keep].flip(0), Q[:, keep].flip(1)
-            Unew = B @ Q
-            if Unew.numel():
-                idx = Unew.abs().argmax(0)
-                sgn = torch.sign(Unew[idx, torch.arange(Unew.shape[1])])
+            ev, R = ev[keep].flip(0), R[:, keep].flip(1)
+            if R.numel():
+                # deterministic signs without a pass over the (d, m') result: the column sums of
+                # the new eigenvectors, 1^T B R, are positive
+                colsum = torch.cat([U.sum(0), Q.sum(0)]).double() @ R
+                sgn = torch.sign(colsum)
                 sgn[sgn == 0] = 1
-                Unew = Unew * sgn
+                R = R * sgn
+            R = R.to(dtype)
+            Unew = U @ R[:m]
+            if b > m:
+                Unew = Unew + Q @ R[m:]
             means.append(mu_new.to(dtype))
             eigvals.append(ev.to(dtype))
-            eigvecs.append(Unew.to(dtype).contiguous())
+            eigvecs.append(Unew.contiguous())
         if not kept:
             raise InputError("removing these points would leave the mixture empty; the model has nothing else to keep")
         N_new = n_total - M
@@ -451,16 +470,28 @@ class GaussianMixture:
         return m
 
 
-def _extend_basis(U: torch.Tensor, W: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
-    """An orthonormal basis of span(U, W), U (d, m) already orthonormal: U followed by the
-    directions of W outside span(U) (two Gram-Schmidt passes, then an SVD of the small rest)."""
-    V = W - U @ (U.T @ W)
-    V = V - U @ (U.T @ V)
+def _extend_basis(U: torch.Tensor, W: torch.Tensor, rel_tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend the orthonormal U (d, m) to an orthonormal basis [U, Q] of span(U, W), W (d, n).
+
+    Returns Q (d, r), the directions of W outside span(U) (two Gram-Schmidt passes, then an SVD
+    of the rest), and C (m + r, n), the coordinates of W in [U, Q], obtained from the
+    projections and the SVD without another (d, n) product: W = U A + V and V = Q S R^T give
+    C = [A; S R^T]. Singular values below ``rel_tol`` (default: 1e-10 in float64, 1e-5 in
+    float32) times the largest column norm of W are dropped.
+    """
+    if rel_tol is None:
+        rel_tol = 1e-10 if W.dtype == torch.float64 else 1e-5
+    A = U.T @ W
+    V = W - U @ A
+    A2 = U.T @ V
+    V = V - U @ A2
+    A = A + A2
     if V.numel() == 0:
-        return U
-    Q, S, _ = torch.linalg.svd(V, full_matrices=False)
+        return V[:, :0], A
+    Q, S, Rt = torch.linalg.svd(V, full_matrices=False)
     scale = max(float(W.norm(dim=0).max()), torch.finfo(W.dtype).tiny)
-    return torch.cat([U, Q[:, S > rel_tol * scale]], 1)
+    keep = S > rel_tol * scale
+    return Q[:, keep], torch.cat([A, S[keep, None] * Rt[keep]], 0)
 
 
 def _scatter_eigh(A: torch.Tensor, rel_tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
