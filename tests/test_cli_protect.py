@@ -150,3 +150,39 @@ def test_existing_key_is_reused_and_a_different_key_seed_is_refused(owned, tmp_p
     assert owner.key_for(gen, key_seed=5).config.key_seed == 5
     with pytest.raises(ConfigError, match="another key seed"):
         owner.key_for(gen, key_seed=6)
+
+
+def test_crop_search_recovers_a_centre_crop_the_aligned_decoder_misses(owned, tmp_path, capsys):
+    """A face cropped to its central 110 x 110 pixels (saved at that size, as a user would crop
+    it) loses the latent grid: the aligned read-out is chance. --crop-search finds the crop."""
+    from faceprint.autoencoder import TAEF2
+    from faceprint.data.folder import load_image
+    from faceprint.fingerprint.datalevel import BankFingerprinter
+
+    root, _, ow = owned
+    faces = sorted((root / "alice").glob("face_*.png"))[:3]
+    paths = []
+    for f in faces:
+        im = Image.open(f).convert("RGB")
+        p = tmp_path / f"crop_{f.name}"
+        im.crop((9, 9, 119, 119)).save(p)
+        paths.append(p)
+    aligned = _verify(capsys, ow, *paths)
+    assert not any(v["match"] for v in aligned)
+    assert max(v["bit_accuracy"] for v in aligned) < 0.7
+    capsys.readouterr()
+    assert main(["verify", "--json", "--crop-search", "0.8", *map(str, paths), "-q", *ow]) == 0
+    searched = [json.loads(line) for line in capsys.readouterr()[0].splitlines()]
+    assert sum(v["match"] and v["instance"] == "alice" for v in searched) >= 2
+    assert not any(v["match"] and v["instance"] != "alice" for v in searched)
+    # an uncropped face: the search keeps the full frame and reads exactly what the aligned decoder reads
+    key = BankFingerprinter.load(root / "keys" / "key.safetensors")
+    ae = TAEF2.load()
+    x = torch.stack([load_image(f, 128) for f in faces])
+    p, size, score = key.decode_bits_searched(x, ae, min_fraction=0.9)
+    assert size.tolist() == [128] * 3
+    assert torch.equal(p > 0.5, key.decode_bits(x, ae) > 0.5)
+    _, size_c, score_c = key.decode_bits_searched(torch.stack([load_image(q, 128) for q in paths]), ae, min_fraction=0.8)
+    assert size_c.tolist() == [110] * 3 and bool((score_c > 3).all())
+    with pytest.raises(Exception, match="min_fraction"):
+        key.decode_bits_searched(x, ae, min_fraction=0)

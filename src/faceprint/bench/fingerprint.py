@@ -58,6 +58,11 @@ def add_arguments(p) -> None:
     p.add_argument("--bank-step", type=float, default=None, help="data-level STDM step (default: the config's, 9)")
     p.add_argument("--fid", type=int, default=0, help="also FID of this many faces per model (0: skip; e.g. 2000)")
     p.add_argument("--fid-real", type=int, default=5000, help="reference photos for FID: the last N (default 5000)")
+    p.add_argument("--crop-search", type=float, default=None, metavar="MIN_FRACTION",
+                   help="also measure the data-level crop-search decoder down to this kept fraction (e.g. 0.75)")
+    p.add_argument("--crop-search-images", type=int, default=32, help="faces for the crop-search table (default 32)")
+    p.add_argument("--crop-search-negatives", type=int, default=200,
+                   help="real photos (after the training set) decoded both ways against 1,024 random codes (default 200)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--png", type=Path, default=None, help="write a grid of the first 6 faces here: unfingerprinted, "
                    "modulated, its difference x 10, the data-level clean twins, data-level, its difference x 10")
@@ -241,6 +246,8 @@ def run(args) -> int:
         results["datalevel_bank_instance"] = {"bit_accuracy": dict(zip([c[0] for c in ATTACK_COLUMNS], accs2)),
                                               "psnr_db": p2, "psnr_vs_plain_same_seed": _psnr(x2, plain),
                                               "instance_ms": t_inst * 1000, "same_provenance_share": same2}
+        if args.crop_search:
+            results["crop_search"] = _crop_search(args, data, bank_fp, x2[: args.crop_search_images], code2, ae)
         grid["data-level clean twin"] = (clean_twin[:6], None)
         grid["data-level"] = (x[:6], clean_twin[:6])
         fid_models["data-level model"] = fgen
@@ -288,6 +295,59 @@ def run(args) -> int:
 
         atomic_write_text(args.json, json.dumps(results, indent=1, default=str))
     return 0
+
+
+def _crop_search(args, data, key, faces, code, ae) -> dict:
+    """Aligned vs crop-search read-out of the data-level fingerprint under centre crops, and the
+    matching bits of real photos against 1,024 random codes read both ways."""
+    from ..data import FaceFolder
+    from ..fingerprint import attacks
+    from ..fingerprint.owner import CALIBRATION_CODES
+    from ..fingerprint.registry import random_code
+    from ..seeding import generator as make_generator
+
+    lo = args.crop_search
+    cols = [("clean", None, None), *[(f"crop {f:g}", "crop_resize", f) for f in (0.95, 0.9, 0.86, 0.8, 0.75) if f >= lo],
+            ("JPEG 50", "jpeg", 50), ("blur k5", "gaussian_blur", 5)]
+    n = faces.shape[0]
+    rows, out = [], {"min_fraction": lo, "faces": n, "rows": []}
+    for col, name, strength in cols:
+        x = faces if name is None else _q8(attacks.ATTACKS[name].apply(faces, strength, generator=None))
+        a = float(((key.decode_bits(x, ae) > 0.5).float() == code).float().mean())
+        t = time.perf_counter()
+        p, size, score = key.decode_bits_searched(x, ae, min_fraction=lo)
+        ms = (time.perf_counter() - t) / n * 1000
+        b = float(((p > 0.5).float() == code).float().mean())
+        want = 128 if strength is None or name != "crop_resize" else round(strength * 128)
+        right = float((size == want).float().mean())
+        rows.append([col, f"{a:.4f}", f"{b:.4f}", f"{right:.2f} (at {want} px)", f"{float(score.mean()):.3f}", f"{ms:.0f}"])
+        out["rows"].append({"attack": col, "aligned": a, "searched": b, "right_size_share": right,
+                            "score": float(score.mean()), "ms_per_image": ms})
+    print_table(f"Crop search decoder (data-level bank instance, {n} faces; candidate crop sizes "
+                f"{round(lo * 128)}-128 px)", ["attack", "aligned read-out", "crop search", "size found",
+                                               "alignment score", "search ms/img"], rows)
+    m = args.crop_search_negatives
+    if m > 0:
+        ff = FaceFolder(data, size=128)
+        ff.relpaths, ff.paths = ff.relpaths[args.photos:args.photos + m], ff.paths[args.photos:args.photos + m]
+        real, _kept, _skipped = ff.load()
+        g = make_generator(args.seed, "fingerprint-calibration-codes")
+        codes = torch.stack([random_code(generator=g) for _ in range(CALIBRATION_CODES)]).float()
+        neg_rows = []
+        for label, bits in (("aligned", key.decode_bits(real, ae) > 0.5),
+                            ("crop search", key.decode_bits_searched(real, ae, min_fraction=lo)[0] > 0.5)):
+            b = bits.float()
+            match = b @ codes.T + (1 - b) @ (1 - codes.T)  # (m, codes) matching bits
+            best = match.max(1).values
+            neg_rows.append([label, len(real), f"{float(match.mean()):.2f}", f"{float(match.std()):.2f}",
+                             f"{float(best.mean()):.1f}", f"{int(best.max())}"])
+            out[f"negatives_{label.replace(' ', '_')}"] = {"n": len(real), "mean": float(match.mean()),
+                                                           "std": float(match.std()), "best_mean": float(best.mean()),
+                                                           "best_max": int(best.max())}
+        print_table(f"Real photos (held out) against {CALIBRATION_CODES} random codes: matching bits of 128 "
+                    "(Binomial(128, 1/2): mean 64, std 5.66)",
+                    ["read-out", "photos", "mean", "std", "best code (mean)", "best code (max)"], neg_rows)
+    return out
 
 
 def _save_grid(grid: dict, path: Path) -> None:

@@ -11,6 +11,8 @@
   each of the other people, as the unseen people, before and after; FID/precision/recall
   against celeba-10k 5,001-10,000; log-likelihood of their latents; time against the fit;
   and a check that no generated latent pixel comes from their photos.
+--part forget-time: the forget edit's time against the fit's on the same protocol, alone (no
+  generation), with each thread count of ``--time-threads``, ``--repeats`` edits per person.
 --part rebalance: Male = 0.5 and Eyeglasses = 0.3 on celeba-10k, race uniform on utkface,
   measured with faceprint's attribute classifiers (corrected for their error rates).
 --part coverage: subgroups under 6% of the photos, before and after `include`.
@@ -33,7 +35,8 @@ DATA = Path(__file__).resolve().parents[3].parent / "shared" / "datasets"
 
 def add_arguments(p) -> None:
     p.add_argument("--part", default="all",
-                   help="forget, rebalance, coverage, a comma-separated list of them, or all (default)")
+                   help="forget, forget-time, rebalance, coverage, a comma-separated list of them, or all "
+                        "(default: forget, rebalance, coverage)")
     p.add_argument("--datasets", type=Path, default=None, help="folder holding celeba-10k, celeba-id, utkface "
                                                                 "(default ../shared/datasets)")
     p.add_argument("-n", type=int, default=2000, help="faces generated per model (default 2000)")
@@ -47,6 +50,9 @@ def add_arguments(p) -> None:
     p.add_argument("--train-n", type=int, default=2000, help="training photos of the rebalance/coverage models")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--repeats", type=int, default=5, help="forget-time: forgets timed per person (default 5)")
+    p.add_argument("--time-threads", default="1,2",
+                   help="forget-time: comma-separated torch thread counts to time the fit and forget with (default 1,2)")
     p.add_argument("--flow-n", type=int, default=1000,
                    help="faces per flow-prior model in the mixture-vs-flow forgetting comparison (0: skip it)")
 
@@ -131,12 +137,8 @@ def _reference_features(ds, inc, n, batch):
 
 
 # ------------------------------------------------------------------------------------------ forget
-def run_forget(args, ds, ae, inc, ref) -> dict:
-    from ..latent.generator import Generator, GeneratorConfig
-    from ..recognition.identity import IdentityRecogniser
-    from ..taming import forget
-
-    rec = IdentityRecogniser()
+def _forget_protocol(args, ds):
+    """The forget protocol's training files and people (see the module docstring)."""
     id_rows = list(csv.DictReader(open(ds / "celeba-id" / "identities.csv")))
     people: dict[str, list[Path]] = {}
     for r in id_rows:
@@ -153,6 +155,66 @@ def run_forget(args, ds, ae, inc, ref) -> dict:
     files = base + [f for p in trained for f in person_train[p]]
     print(f"  forget protocol: {len(base)} celeba-10k photos + {len(trained)} people x {k} photos = {len(files)}",
           flush=True)
+    return files, chosen, trained, unseen, person_train, person_enrol
+
+
+def run_forget_time(args, ds, ae) -> dict:
+    """Time of the forget edit against the fit, alone (no generation, no recogniser): the fit
+    timed once per thread count in ``--time-threads``, each person's forget ``--repeats`` times."""
+    from ..latent.generator import Generator, GeneratorConfig
+    from ..taming import forget
+
+    files, _, trained, _, person_train, _ = _forget_protocol(args, ds)
+    ls = _Photos(files, ds, ae)
+    rows = []
+    threads0 = torch.get_num_threads()
+    for threads in args.time_threads:
+        torch.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            gen = Generator(GeneratorConfig(), autoencoder=ae).fit(ls, seed=args.seed)
+            fit_total = time.perf_counter() - t0
+            fit_s = gen.provenance_["fit_seconds"]
+            fit = fit_s["projector"] + fit_s["mixture"]
+            for p in trained[: args.forget]:
+                gone = {str(f.relative_to(ds)) for f in person_train[p]}
+                idx = [i for i, r in enumerate(ls.relpaths) if r in gone]
+                times, rep = [], None
+                for _ in range(args.repeats):
+                    _, rep = forget(gen, idx, name=f"celeba-id person {p}")
+                    times.append(rep.seconds)
+                rows.append({"threads": threads, "person": p, "photos_forgotten": len(idx), "fit_seconds": fit,
+                             "fit_wall_seconds": fit_total, "forget_seconds": times,
+                             "components": [rep.components_before, len(rep.updated_components)]})
+                print(f"  {threads} thread(s), person {p}: forget median {1000 * float(np.median(times)):.0f} ms "
+                      f"= {100 * float(np.median(times)) / fit:.2f}% of the {fit:.1f} s fit", flush=True)
+        finally:
+            torch.set_num_threads(threads0)
+    return {"train_photos": len(files), "repeats": args.repeats, "rows": rows}
+
+
+def _forget_time_table(res):
+    rows = []
+    for r in res["rows"]:
+        t = np.asarray(r["forget_seconds"])
+        med = float(np.median(t))
+        rows.append([r["threads"], r["person"], r["photos_forgotten"], f"{r['fit_seconds']:.2f} s",
+                     f"{1000 * med:.0f} ms", f"{1000 * t.min():.0f} ms", f"{100 * med / r['fit_seconds']:.2f}%",
+                     f"{r['components'][1]} of {r['components'][0]}"])
+    print_table(f"Forget edit vs fit ({res['train_photos']} training photos, {res['repeats']} repeats; the edit "
+                "includes projecting the photos, copying the model and down-dating the mixture, not the log p "
+                "diagnostics)",
+                ["threads", "person", "photos", "fit (P0 + mixture)", "forget (median)", "forget (min)",
+                 "median share of fit", "components updated"], rows)
+
+
+def run_forget(args, ds, ae, inc, ref) -> dict:
+    from ..latent.generator import Generator, GeneratorConfig
+    from ..recognition.identity import IdentityRecogniser
+    from ..taming import forget
+
+    rec = IdentityRecogniser()
+    files, chosen, trained, unseen, person_train, person_enrol = _forget_protocol(args, ds)
     t0 = time.perf_counter()
     ls = _Photos(files, ds, ae)
     t_encode = time.perf_counter() - t0
@@ -338,18 +400,32 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     info = describe({"seed": args.seed, "faces per model": args.n, "part": args.part})
     print_table("Machine and settings", ["item", "value"], [[k, v] for k, v in info.items()])
-    ae = TAEF2.load()
-    inc = InceptionFeatures.load()
-    t0 = time.perf_counter()
-    ref = _reference_features(ds, inc, args.reference_n, args.batch)
-    print(f"  reference features: {len(ref)} photos in {time.perf_counter() - t0:.0f} s", flush=True)
-    doc = {"machine": info}
     parts = ("forget", "rebalance", "coverage") if args.part == "all" else tuple(x.strip() for x in args.part.split(","))
-    bad = [x for x in parts if x not in ("forget", "rebalance", "coverage")]
+    bad = [x for x in parts if x not in ("forget", "forget-time", "rebalance", "coverage")]
     if bad:
-        raise SystemExit(f"--part {args.part!r}: unknown part(s) {', '.join(bad)}; use forget, rebalance, coverage or all")
+        raise SystemExit(f"--part {args.part!r}: unknown part(s) {', '.join(bad)}; use forget, forget-time, rebalance, "
+                         "coverage or all")
+    try:
+        args.time_threads = [int(x) for x in str(args.time_threads).split(",") if x.strip()]
+        if not args.time_threads or min(args.time_threads) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--time-threads must be comma-separated positive ints, got {args.time_threads!r}") from None
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    ae = TAEF2.load()
+    inc = ref = None
+    if set(parts) - {"forget-time"}:
+        inc = InceptionFeatures.load()
+        t0 = time.perf_counter()
+        ref = _reference_features(ds, inc, args.reference_n, args.batch)
+        print(f"  reference features: {len(ref)} photos in {time.perf_counter() - t0:.0f} s", flush=True)
+    doc = {"machine": info}
     for part in parts:
-        if part == "forget":
+        if part == "forget-time":
+            doc[part] = run_forget_time(args, ds, ae)
+            _forget_time_table(doc[part])
+        elif part == "forget":
             doc["forget"] = run_forget(args, ds, ae, inc, ref)
             _forget_tables(doc["forget"])
         elif part == "rebalance":

@@ -3,6 +3,7 @@ accountable release (papers/004, Ch. 5-6). The work is in faceprint.fingerprint.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -64,6 +65,9 @@ def register(sub, *, common) -> None:
                                       "and with what false-positive rate")
     v.add_argument("images", type=Path, nargs="+", help="image files (or folders of images)")
     v.add_argument("--json", action="store_true", help="one JSON object per image")
+    v.add_argument("--crop-search", type=_fraction, default=None, metavar="MIN_FRACTION",
+                   help="also undo a centre crop keeping at least this fraction of the side, e.g. 0.75 "
+                        "(one TAEF2 encode per candidate crop size: 33 at 0.75)")
     owner_options(v)
     common(v)
     v.set_defaults(handler=cmd_verify)
@@ -123,7 +127,17 @@ def _image_files(paths):
     return files
 
 
-def _decode_files(files, key, ae, batch=64):
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.75, got {text!r}")
+    return v
+
+
+def _decode_files(files, key, ae, batch=64, crop_search=None):
     import torch
 
     from ..data.folder import load_image
@@ -131,7 +145,8 @@ def _decode_files(files, key, ae, batch=64):
 
     out = []
     for s in range(0, len(files), batch):
-        out.append(decode_images(torch.stack([load_image(f, 128) for f in files[s:s + batch]]), key, ae))
+        out.append(decode_images(torch.stack([load_image(f, 128) for f in files[s:s + batch]]), key, ae,
+                                 crop_search=crop_search))
     return torch.cat(out)
 
 
@@ -211,7 +226,7 @@ def cmd_verify(args) -> int:
     cal = owner.load_calibration()
     files = _image_files(args.images)
     ae = TAEF2.load(args.weights)
-    decoded = _decode_files(files, key, ae)
+    decoded = _decode_files(files, key, ae, crop_search=args.crop_search)
     with owner.open_registry() as reg:
         verdicts = verify(decoded, cal, registry=reg)
     for f, v in zip(files, verdicts):

@@ -156,10 +156,18 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
 
 
 @torch.no_grad()
-def decode_images(images: torch.Tensor | Iterable[torch.Tensor], key: BankFingerprinter, autoencoder) -> torch.Tensor:
-    """Decoded bits (N, 128) bool of images (N, 3, H, W) in [0, 1], or of an iterable of such batches."""
+def decode_images(images: torch.Tensor | Iterable[torch.Tensor], key: BankFingerprinter, autoencoder, *,
+                  crop_search: float | None = None) -> torch.Tensor:
+    """Decoded bits (N, 128) bool of images (N, 3, H, W) in [0, 1], or of an iterable of such batches.
+
+    ``crop_search``: also undo centre crops keeping at least this fraction of the side
+    (:meth:`BankFingerprinter.decode_bits_searched`, one encode per candidate size); None: the
+    aligned read-out only."""
     batches = [images] if isinstance(images, torch.Tensor) else images
-    out = [key.decode_bits(b, autoencoder) > 0.5 for b in batches]
+    if crop_search is None:
+        out = [key.decode_bits(b, autoencoder) > 0.5 for b in batches]
+    else:
+        out = [key.decode_bits_searched(b, autoencoder, min_fraction=crop_search)[0] > 0.5 for b in batches]
     if not out:
         raise InputError("no images to decode")
     return torch.cat(out)
