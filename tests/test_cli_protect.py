@@ -174,6 +174,7 @@ def test_crop_search_recovers_a_centre_crop_the_aligned_decoder_misses(owned, tm
     assert main(["verify", "--json", "--crop-search", "0.8", *map(str, paths), "-q", *ow]) == 0
     searched = [json.loads(line) for line in capsys.readouterr()[0].splitlines()]
     assert sum(v["match"] and v["instance"] == "alice" for v in searched) >= 2
+    assert [v["crop_size"] for v in searched] == [110] * 3 and all(v["full_size"] == 128 for v in searched)
     assert not any(v["match"] and v["instance"] != "alice" for v in searched)
     # an uncropped face: the search keeps the full frame and reads exactly what the aligned decoder reads
     key = BankFingerprinter.load(root / "keys" / "key.safetensors")

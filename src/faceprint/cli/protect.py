@@ -137,7 +137,9 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _decode_files(files, key, ae, batch=64, crop_search=None):
+def _decode_files(files, key, ae, batch=64, crop_search=None, sizes=None):
+    """Decoded bits of image files; with ``crop_search``, the chosen crop size of each is
+    appended to ``sizes`` (a list) when given."""
     import torch
 
     from ..data.folder import load_image
@@ -145,8 +147,13 @@ def _decode_files(files, key, ae, batch=64, crop_search=None):
 
     out = []
     for s in range(0, len(files), batch):
-        out.append(decode_images(torch.stack([load_image(f, 128) for f in files[s:s + batch]]), key, ae,
-                                 crop_search=crop_search))
+        x = torch.stack([load_image(f, 128) for f in files[s:s + batch]])
+        if crop_search is not None and sizes is not None:
+            p, size, _ = key.decode_bits_searched(x, ae, min_fraction=crop_search)
+            out.append(p > 0.5)
+            sizes.extend(int(v) for v in size)
+        else:
+            out.append(decode_images(x, key, ae, crop_search=crop_search))
     return torch.cat(out)
 
 
@@ -226,17 +233,21 @@ def cmd_verify(args) -> int:
     cal = owner.load_calibration()
     files = _image_files(args.images)
     ae = TAEF2.load(args.weights)
-    decoded = _decode_files(files, key, ae, crop_search=args.crop_search)
+    sizes: list[int] = []
+    decoded = _decode_files(files, key, ae, crop_search=args.crop_search, sizes=sizes)
     with owner.open_registry() as reg:
         verdicts = verify(decoded, cal, registry=reg)
-    for f, v in zip(files, verdicts):
+    full = key.shape_[-1] * 8
+    for i, (f, v) in enumerate(zip(files, verdicts)):
+        crop = {"crop_size": sizes[i], "full_size": full} if sizes else {}
+        where = f" [read as a centre crop of {sizes[i]}/{full} px]" if sizes and sizes[i] != full else ""
         if args.json:
-            print(json.dumps({"image": str(f), **asdict(v)}))
+            print(json.dumps({"image": str(f), **asdict(v), **crop}))
         elif v.match:
             print(f"{f}: MATCH instance {v.instance!r} (recipient {v.recipient!r}); {v.matching_bits}/{v.n_bits} bits "
                   f"(bit accuracy {v.bit_accuracy:.3f}), p-value {v.p_value:.2g}, false-positive rate "
-                  f"<= {v.fpr_upper_bound:.2g} (threshold {v.threshold})")
+                  f"<= {v.fpr_upper_bound:.2g} (threshold {v.threshold}){where}")
         else:
             print(f"{f}: not ours (nearest instance {v.nearest_instance!r}: {v.matching_bits}/{v.n_bits} bits, "
-                  f"a match needs {v.threshold})")
+                  f"a match needs {v.threshold}){where}")
     return 0
