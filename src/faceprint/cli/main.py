@@ -20,15 +20,17 @@ DEMO_PHOTOS = 1024
 DEMO_FACES = 64
 
 
-def _number(kind, lowest, strict: bool, what: str):
-    """An argparse type: kind(text) that must be > lowest (strict) or >= lowest, and finite."""
+def _number(kind, lowest, strict: bool, what: str, highest=None):
+    """An argparse type: kind(text) that must be > lowest (strict) or >= lowest, finite, and at
+    most ``highest`` if given."""
 
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if v != v or v in (float("inf"), float("-inf")) or (v <= lowest if strict else v < lowest):
+        if v != v or v in (float("inf"), float("-inf")) or (v <= lowest if strict else v < lowest) \
+                or (highest is not None and v > highest):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
 
@@ -38,6 +40,7 @@ def _number(kind, lowest, strict: bool, what: str):
 _positive_int = _number(int, 0, True, "a positive integer")
 _nonneg_int = _number(int, 0, False, "a non-negative integer")
 _positive_float = _number(float, 0.0, True, "a positive number")
+_fraction = _number(float, 0.0, True, "a fraction in (0, 1], e.g. 0.75", highest=1.0)
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,6 @@ accountable release (papers/004, Ch. 5-6). The work is in faceprint.fingerprint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from ..errors import InputError
 
 
 def register(sub, *, common) -> None:
-    from .main import _nonneg_int, _positive_int
+    from .main import _fraction, _nonneg_int, _positive_int
 
     def owner_options(p):
         p.add_argument("--owner", type=Path, default=None,
@@ -125,16 +124,6 @@ def _image_files(paths):
         else:
             raise InputError(f"image {str(p)!r} does not exist")
     return files
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (0 < v <= 1):
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.75, got {text!r}")
-    return v
 
 
 def _decode_files(files, key, ae, batch=64, crop_search=None, sizes=None):

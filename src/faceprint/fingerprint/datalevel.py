@@ -157,13 +157,26 @@ class BankFingerprinter:
         w = latents[:, self.channels_].float() / self.scale_.view(1, -1, 1, 1)
         return (w * self.spread_).sum(1)
 
+    def _lattice_cos(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, h, w): cos of each pixel's projection phase on the bit-0 lattice
+        (+1 on it, -1 on the bit-1 lattice, about uniform for an unfingerprinted pixel)."""
+        return torch.cos(2 * math.pi * (self._projection(latents) - self.dither_) / self.config.step)
+
+    def _bits_from_cos(self, cos: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Average each bit's pixels (only the ``valid`` (h, w) ones if given): (N, bits) in
+        [0, 1]; a bit with no valid pixel reads 0.5."""
+        n = cos.shape[0]
+        flat, assign = cos.reshape(n, -1), self.assign_
+        if valid is not None:
+            keep = valid.reshape(-1)
+            flat, assign = flat[:, keep], assign[keep]
+        total = torch.zeros(n, self.config.bits).index_add_(1, assign, flat)
+        count = torch.bincount(assign, minlength=self.config.bits)
+        return torch.where(count > 0, (1 - total / count.clamp_min(1)) / 2, torch.full_like(total, 0.5))
+
     def bits_from_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) latents -> (N, bits) values in [0, 1] (> 0.5: a 1); see decode_bits."""
-        t = self._projection(latents)
-        cos = torch.cos(2 * math.pi * (t - self.dither_) / self.config.step).reshape(t.shape[0], -1)
-        total = torch.zeros(t.shape[0], self.config.bits).index_add_(1, self.assign_, cos)
-        count = torch.bincount(self.assign_, minlength=self.config.bits).clamp_min(1)
-        return (1 - total / count) / 2
+        return self._bits_from_cos(self._lattice_cos(latents))
 
     # ------------------------------------------------------------------ embedding
     @torch.no_grad()
@@ -184,7 +197,7 @@ class BankFingerprinter:
         return out.to(latents.dtype)
 
     # ------------------------------------------------------------------ decoding
-    def _latents_of_input(self, images: torch.Tensor) -> torch.Tensor:
+    def _model_images(self, images: torch.Tensor) -> torch.Tensor:
         """Checked images, resized to the model's size, float32 in [0, 1]."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             raise InputError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(getattr(images, 'shape', ()))}")
@@ -198,7 +211,7 @@ class BankFingerprinter:
         return x
 
     def _latents_of(self, images: torch.Tensor, autoencoder) -> torch.Tensor:
-        return getattr(autoencoder, "base", autoencoder).encode(self._latents_of_input(images))
+        return getattr(autoencoder, "base", autoencoder).encode(self._model_images(images))
 
     @torch.no_grad()
     def decode_bits(self, images: torch.Tensor, autoencoder) -> torch.Tensor:
@@ -240,7 +253,7 @@ class BankFingerprinter:
         if h != w:
             raise ConfigError("the crop search supports square latents only")
         H = h * 8
-        x = self._latents_of_input(images)
+        x = self._model_images(images)
         sizes = list(range(H, max(8, round(min_fraction * H)) - 1, -1))
         outs, chosen, scores = [], [], []
         for s in range(0, x.shape[0], batch):
@@ -260,16 +273,13 @@ class BankFingerprinter:
                 lo, hi = -(-t // 8), (t + c) // 8  # latent pixels whose 8 x 8 block is inside the window
                 valid = torch.zeros(h, w, dtype=torch.bool)
                 valid[lo:hi, lo:hi] = True
-                cos = torch.cos(2 * math.pi * (self._projection(lat) - self.dither_) / self.config.step)
+                cos = self._lattice_cos(lat)
                 # z-score of the mean |cos| against a uniform phase (mean 2/pi, std ABS_COS_STD), so
                 # windows with fewer pixels are not favoured by chance; the full frame gets a head start
                 score = (cos.abs()[:, valid].mean(1) - 2 / math.pi) * math.sqrt(int(valid.sum())) / ABS_COS_STD
                 if c == H:
                     score = score + full_frame_margin
-                vflat = valid.reshape(-1)
-                total = torch.zeros(n, self.config.bits).index_add_(1, self.assign_[vflat], cos.reshape(n, -1)[:, vflat])
-                count = torch.bincount(self.assign_[vflat], minlength=self.config.bits)
-                p = torch.where(count > 0, (1 - total / count.clamp_min(1)) / 2, torch.full_like(total, 0.5))
+                p = self._bits_from_cos(cos, valid)
                 better = score > best
                 best = torch.where(better, score, best)
                 best_c = torch.where(better, torch.full_like(best_c, c), best_c)
