@@ -70,13 +70,21 @@ class GeneratorConfig:
     method: str = "lrgmm-nn"
     em_max_iter: int = 100
     em_tol: float = 1e-3
+    refinement: str = "seam"
+    candidates: int = 8
+    seam_weight: float = 0.1
+    sweeps: int = 4
+
+    def refine_config(self) -> RefineConfig:
+        return RefineConfig(self.patch_radius, self.iterations, mode=self.refinement, candidates=self.candidates,
+                            seam_weight=self.seam_weight, sweeps=self.sweeps)
 
     def __post_init__(self):
         if self.components is not None and (isinstance(self.components, bool) or not isinstance(self.components, int)
                                             or self.components < 1):
             raise ConfigError(f"components must be a positive int or None (auto), got {self.components!r}")
         ProjectorConfig(self.channels)
-        RefineConfig(self.patch_radius, self.iterations)
+        self.refine_config()
         MixtureConfig(n_components=self.components or 1, reg_covar=self.reg_covar,
                       max_iter=self.em_max_iter, tol=self.em_tol)
         if not (isinstance(self.rank_temperature, (int, float)) and self.rank_temperature > 0
@@ -206,8 +214,7 @@ class Generator:
         key = ("refiner", single_cluster)
         if key not in self._cache:
             labels = None if single_cluster else self.mixture_.labels_
-            cfg = RefineConfig(self.config.patch_radius, self.config.iterations)
-            self._cache[key] = NNRefiner(cfg).fit(self._projected_bank(), labels)
+            self._cache[key] = NNRefiner(self.config.refine_config()).fit(self._projected_bank(), labels)
         return self._cache[key]
 
     def _sampler(self, rank_temperature: float) -> LowRankSampler:
@@ -338,7 +345,10 @@ class Generator:
         in faceprint.autoencoder) and checks it is the one the model was fitted with; None skips it."""
         tensors, meta = load_artifact(path, expected_class=ARTIFACT_CLASS)
         try:
-            config = GeneratorConfig(**meta["config"])
+            stored = dict(meta["config"])
+            # models written before the seam-aware refinement used the paper's rule: keep it
+            stored.setdefault("refinement", "paper")
+            config = GeneratorConfig(**stored)
             mcfg = MixtureConfig(**meta["mixture_config"])
             g = cls(config)
             g.projector_ = PCAProjector.from_state(ProjectorConfig(config.channels), tensors)
