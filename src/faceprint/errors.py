@@ -41,6 +41,10 @@ class ArtifactError(FaceprintError, ValueError):
     """A saved model artifact is missing, corrupted, or of an unknown format/version."""
 
 
+class CopyGuardError(FaceprintError, RuntimeError):
+    """The copy guard could not draw a face that is not a near-copy of a training photo."""
+
+
 class NotFittedError(FaceprintError, RuntimeError):
     """A model was used before fit() (or load()) gave it its learned state."""
 

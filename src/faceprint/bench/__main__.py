@@ -15,6 +15,7 @@ BENCHES = {
     "recognisers": "identity verification ROC and attribute classifier accuracy",
     "taming": "forget / rebalance / coverage tables",
     "attribution": "owner fingerprint: attribution of 100 instances, false matches among >= 10,000 negatives, FID",
+    "scale": "fit time, memory, model size, synthesis speed and log-likelihood from 32 to 28,000 photos",
 }
 
 

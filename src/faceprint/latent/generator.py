@@ -29,16 +29,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import __version__
-from ..errors import ArtifactError, ConfigError, InputError, NotFittedError
+from ..errors import ArtifactError, ConfigError, CopyGuardError, InputError, NotFittedError
 from ..io import load_artifact, now_iso, save_artifact
 from ..seeding import check_seed
 from ..seeding import generator as make_generator
-from .lowrank import LowRankSampler
+from .lowrank import LowRankSampler, image_generator
 from .mixture import GaussianMixture, MixtureConfig
 from .projector import PCAProjector, ProjectorConfig
 from .refine import NNRefiner, RefineConfig, gather
 
 METHODS = ("lrgmm-nn", "lrgmm", "nn", "gaussian")
+FAST_EM_ABOVE = 4096  # em = "auto": the exact EM up to this many photos, the scale path above
 ARTIFACT_CLASS = "faceprint.Generator"
 
 
@@ -70,10 +71,25 @@ class GeneratorConfig:
     method: str = "lrgmm-nn"
     em_max_iter: int = 100
     em_tol: float = 1e-3
+    em: str = "auto"
+    em_subsample: int = 4096
+    em_top_components: int = 4
+    em_max_rank: int = 128
     refinement: str = "seam"
     candidates: int = 8
     seam_weight: float = 0.1
     sweeps: int = 4
+
+    def mixture_config(self, n_photos: int) -> MixtureConfig:
+        """The EM settings for n_photos: the exact EM, or the scale path (module mixture.py)
+        when em = "fast", or em = "auto" and there are more than FAST_EM_ABOVE photos."""
+        K = self.components or auto_components(n_photos)
+        fast = self.em == "fast" or (self.em == "auto" and n_photos > FAST_EM_ABOVE)
+        if not fast:
+            return MixtureConfig(n_components=K, reg_covar=self.reg_covar, max_iter=self.em_max_iter, tol=self.em_tol)
+        return MixtureConfig(n_components=K, reg_covar=self.reg_covar, max_iter=self.em_max_iter, tol=self.em_tol,
+                             dtype="float32", max_rank=self.em_max_rank, top_components=self.em_top_components,
+                             subsample=self.em_subsample)
 
     def refine_config(self) -> RefineConfig:
         return RefineConfig(self.patch_radius, self.iterations, mode=self.refinement, candidates=self.candidates,
@@ -91,22 +107,58 @@ class GeneratorConfig:
                 and math.isfinite(self.rank_temperature)):
             raise ConfigError(f"rank_temperature must be a positive number, got {self.rank_temperature!r}; "
                               "the paper uses 0.12")
+        if self.em not in ("auto", "exact", "fast"):
+            raise ConfigError(f"em must be 'auto', 'exact' or 'fast', got {self.em!r}")
+        for name in ("em_subsample", "em_top_components", "em_max_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
         if self.copy not in ("full", "projected"):
             raise ConfigError(f"copy must be 'full' or 'projected', got {self.copy!r}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
 
 
+@dataclass(frozen=True)
+class CopyGuard:
+    """The copy guard: no face leaves the generator as a near-copy of a training photo.
+
+    A face is redrawn (from its own next random stream, so face i of seed s stays the same
+    image alone or in a batch) when its latent is closer to a training latent than the
+    ``quantile`` of how close held-out photos come to the training set (leave-one-out
+    distances, recorded at fit), or when more than ``max_share`` of its latent pixels come
+    from one training photo. After ``max_attempts`` redraws of one face, generation stops
+    with CopyGuardError rather than ship a copy."""
+
+    quantile: float = 0.05
+    max_share: float = 0.5
+    max_attempts: int = 50
+
+    def __post_init__(self):
+        if not (isinstance(self.quantile, (int, float)) and 0 <= self.quantile < 1):
+            raise ConfigError(f"copy guard quantile must be in [0, 1), got {self.quantile!r}; the default is 0.05")
+        if not (isinstance(self.max_share, (int, float)) and 0 < self.max_share <= 1):
+            raise ConfigError(f"copy guard max_share must be in (0, 1], got {self.max_share!r}; the default is 0.5")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"copy guard max_attempts must be a positive int, got {self.max_attempts!r}")
+
+
+DEFAULT_GUARD = CopyGuard()
+
+
 @dataclass
 class Samples:
     """latents (n, c, h, w) in the autoencoder's space; components (n,) (-1 where none);
     provenance (n, h, w) training-photo index per latent pixel (-1 where nothing was copied);
-    indices (n,) the image index of each sample within its seeded run."""
+    indices (n,) the image index of each sample within its seeded run; redraws (n,) how many
+    times the copy guard redrew each face; guard the guard's settings and threshold (None: off)."""
 
     latents: torch.Tensor
     components: torch.Tensor
     provenance: torch.Tensor
     indices: torch.Tensor
+    redraws: torch.Tensor | None = None
+    guard: dict | None = None
 
 
 @dataclass
@@ -135,6 +187,7 @@ class Generator:
         # architecture, weights with the instance's code folded in) and what they are.
         self.decoder_state_: dict[str, torch.Tensor] | None = None
         self.fingerprint_: dict | None = None
+        self.guard_distances_: torch.Tensor | None = None
         self._cache = {}
 
     # ------------------------------------------------------------------ fitting
@@ -158,14 +211,17 @@ class Generator:
         Y = self.projector_.transform(full)  # (N, q, h, w)
         t_projector = time.perf_counter() - t0
         t0 = time.perf_counter()
-        mcfg = MixtureConfig(n_components=K, reg_covar=self.config.reg_covar,
-                             max_iter=self.config.em_max_iter, tol=self.config.em_tol)
+        mcfg = self.config.mixture_config(N)
         self.mixture_ = GaussianMixture(mcfg).fit(Y.reshape(N, -1), generator=make_generator(seed, "kmeans"))
         # EM runs in float64; the model keeps float32 parameters (half the artifact), and uses
         # exactly what it stores, so a saved and reloaded model draws the same faces.
         self.mixture_.astype(torch.float32)
         t_mixture = time.perf_counter() - t0
         self.bank_ = bank
+        self._cache = {}
+        t0 = time.perf_counter()
+        self._fit_guard(seed)
+        t_guard = time.perf_counter() - t0
         self.training_ = TrainingRecord(
             relpaths=list(getattr(latent_set, "relpaths", [str(i) for i in range(N)])),
             hashes=list(getattr(latent_set, "hashes", getattr(latent_set, "content_hashes", [])) or []),
@@ -184,7 +240,8 @@ class Generator:
             "em_converged": self.mixture_.history_.converged,
             "em_log_likelihood": self.mixture_.final_log_likelihood_,
             "autoencoder": getattr(self.autoencoder, "id", None),
-            "fit_seconds": {"projector": round(t_projector, 4), "mixture": round(t_mixture, 4)},
+            "fit_seconds": {"projector": round(t_projector, 4), "mixture": round(t_mixture, 4),
+                            "copy_guard": round(t_guard, 4)},
             "operations": [],
         }
         self._cache = {}
@@ -226,10 +283,12 @@ class Generator:
     # ------------------------------------------------------------------ sampling
     def sample_latents(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
                        rank_temperature: float | None = None, component: int | None = None,
-                       chunk: int = 1024) -> Samples:
+                       chunk: int = 1024, guard: "CopyGuard | None" = DEFAULT_GUARD) -> Samples:
         """Draw n latents for image indices start..start+n-1 of the run seeded by ``seed``.
 
-        Image i depends only on (seed, i, the model and the method), not on n or start."""
+        Image i depends only on (seed, i, the model, the method and the guard), not on n or
+        start. ``guard`` (default on) redraws every face that is a near-copy of a training photo
+        (see :class:`CopyGuard`); ``guard=None`` turns it off."""
         self._check_fitted()
         check_seed(seed)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -242,57 +301,152 @@ class Generator:
         K = self.mixture_.weights_.numel()
         if component is not None and not (isinstance(component, int) and 0 <= component < K):
             raise InputError(f"component must be an int in [0, {K}), got {component!r}")
+        if guard is not None and not isinstance(guard, CopyGuard):
+            raise InputError(f"guard must be a CopyGuard or None, got {type(guard).__name__}")
         lam = self.config.rank_temperature if rank_temperature is None else rank_temperature
         c, h, w = self.latent_shape
-        q = self.config.channels
-        lat, comps, provs = [], [], []
+        lat, comps, provs, redraws = [], [], [], []
+        threshold = self.guard_threshold(guard.quantile) if guard is not None else None
         for s in range(start, start + n, chunk):
-            m = min(chunk, start + n - s)
-            if method == "gaussian":
-                z = torch.stack([torch.randn(c, h, w, generator=make_generator(seed, "gaussian", s + i))
-                                 for i in range(m)])
-                lat.append(z)
-                comps.append(torch.full((m,), -1, dtype=torch.int64))
-                provs.append(torch.full((m, h, w), -1, dtype=torch.int64))
-                continue
-            if method == "nn":
-                N = self.n_photos
-                init = torch.stack([torch.randint(N, (h, w), generator=make_generator(seed, "nn", s + i))
-                                    for i in range(m)])
-                z0 = gather(self._projected_bank(), init)
-                _, prov = self._refiner(single_cluster=True).refine(z0)
-                if self.config.iterations == 0:
-                    prov = init
-                comp = torch.full((m,), -1, dtype=torch.int64)
-            else:
-                zf, comp = self._sampler(lam).draw(m, seed, s, component)
-                z0 = zf.reshape(m, q, h, w)
-                if method == "lrgmm":
-                    lat.append(self.projector_.inverse(z0))
-                    comps.append(comp)
-                    provs.append(torch.full((m, h, w), -1, dtype=torch.int64))
-                    continue
-                _, prov = self._refiner().refine(z0, comp)
-            if self.config.copy == "full":
-                lat.append(gather(self.bank_, prov).float())
-            else:
-                lat.append(self.projector_.inverse(gather(self._projected_bank(), prov)))
+            idx = list(range(s, min(start + n, s + chunk)))
+            z, comp, prov = self._draw(idx, seed, 0, method, lam, component)
+            tries = torch.zeros(len(idx), dtype=torch.int64)
+            if guard is not None:
+                bad = self._copies(z, prov, threshold, guard)
+                attempt = 0
+                while bad.any():
+                    attempt += 1
+                    rows = torch.nonzero(bad).squeeze(1)
+                    if attempt > guard.max_attempts:
+                        first = idx[int(rows[0])]
+                        raise CopyGuardError(
+                            f"face {first} of seed {seed} is still a near-copy of a training photo after "
+                            f"{guard.max_attempts} redraws (closer than the held-out {guard.quantile:g} quantile "
+                            f"{threshold:.3g}, or more than {guard.max_share:g} of it from one photo); the model "
+                            "memorises its photos: fit on more photos, use fewer components, or a lower "
+                            "--max-share only if you accept copies")
+                    z2, comp2, prov2 = self._draw([idx[int(r)] for r in rows], seed, attempt, method, lam, component)
+                    z[rows], comp[rows], prov[rows] = z2, comp2, prov2
+                    tries[rows] = attempt
+                    bad[rows] = self._copies(z2, prov2, threshold, guard)
+            lat.append(z)
             comps.append(comp)
             provs.append(prov)
+            redraws.append(tries)
         empty = (torch.zeros(0, c, h, w), torch.zeros(0, dtype=torch.int64), torch.zeros(0, h, w, dtype=torch.int64))
         return Samples(
             latents=torch.cat(lat) if lat else empty[0],
             components=torch.cat(comps) if comps else empty[1],
             provenance=torch.cat(provs) if provs else empty[2],
             indices=torch.arange(start, start + n),
+            redraws=torch.cat(redraws) if redraws else empty[1],
+            guard=None if guard is None else {**asdict(guard), "threshold": threshold,
+                                              "threshold_source": self.guard_stats_source()},
         )
 
+    def _draw(self, idx: list[int], seed: int, attempt: int, method: str, lam: float, component):
+        """One draw of the faces ``idx`` (their ``attempt``-th): latents, components, provenance."""
+        m = len(idx)
+        c, h, w = self.latent_shape
+        q = self.config.channels
+        none = torch.full((m, h, w), -1, dtype=torch.int64)
+        if method == "gaussian":
+            z = torch.stack([torch.randn(c, h, w, generator=image_generator(seed, "gaussian", i, attempt)) for i in idx])
+            return z, torch.full((m,), -1, dtype=torch.int64), none
+        if method == "nn":
+            N = self.n_photos
+            init = torch.stack([torch.randint(N, (h, w), generator=image_generator(seed, "nn", i, attempt)) for i in idx])
+            z0 = gather(self._projected_bank(), init)
+            _, prov = self._refiner(single_cluster=True).refine(z0)
+            if self.config.iterations == 0:
+                prov = init
+            comp = torch.full((m,), -1, dtype=torch.int64)
+        else:
+            zf, comp = self._sampler(lam).draw_at(idx, seed, attempt=attempt, component=component)
+            z0 = zf.reshape(m, q, h, w)
+            if method == "lrgmm":
+                return self.projector_.inverse(z0), comp, none
+            _, prov = self._refiner().refine(z0, comp)
+        if self.config.copy == "full":
+            return gather(self.bank_, prov).float(), comp, prov
+        return self.projector_.inverse(gather(self._projected_bank(), prov)), comp, prov
+
+    # ------------------------------------------------------------------ copy guard
+    def _bank_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training latents as float32 rows (N, D) and their squared norms (N,)."""
+        if "bank_flat" not in self._cache:
+            B = self.bank_.reshape(self.bank_.shape[0], -1).float()
+            self._cache["bank_flat"] = (B, (B * B).sum(1))
+        return self._cache["bank_flat"]
+
+    def nearest_training_distance(self, latents: torch.Tensor, *, exclude: torch.Tensor | None = None,
+                                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euclidean distance of each latent (B, c, h, w) to its nearest training latent, and that
+        photo's index: ((B,), (B,)). ``exclude`` (B,) names one training photo per row to leave out
+        (leave-one-out distances of the training photos themselves)."""
+        self._check_fitted()
+        Bk, b2 = self._bank_flat()
+        X = latents.reshape(latents.shape[0], -1).float()
+        dist = torch.empty(X.shape[0])
+        arg = torch.empty(X.shape[0], dtype=torch.int64)
+        for s in range(0, X.shape[0], chunk):
+            x = X[s:s + chunk]
+            d2 = (x * x).sum(1, keepdim=True) + b2[None] - 2 * x @ Bk.T  # (b, N)
+            if exclude is not None:
+                d2[torch.arange(x.shape[0]), exclude[s:s + chunk]] = float("inf")
+            v, i = d2.min(1)
+            dist[s:s + chunk], arg[s:s + chunk] = v.clamp_min(0).sqrt(), i
+        return dist, arg
+
+    def _fit_guard(self, seed: int, max_queries: int = 1024) -> None:
+        """Leave-one-out nearest-neighbour distances of (up to ``max_queries``, seeded) training
+        photos: each photo is held out of the bank in turn, which is how close a new photo of the
+        same distribution comes to the N - 1 others (a held-out split would give the same
+        distribution, but would take photos away from the model)."""
+        N = self.n_photos
+        if N < 2:
+            self.guard_distances_ = torch.zeros(0)
+            return
+        g = make_generator(seed, "copy-guard")
+        rows = torch.randperm(N, generator=g)[:max_queries].sort().values
+        d, _ = self.nearest_training_distance(self.bank_[rows].float(), exclude=rows)
+        self.guard_distances_ = d.sort().values.float()
+
+    def guard_stats_source(self) -> str:
+        return f"leave-one-out nearest-photo distances of {int(self.guard_distances_.numel())} training photos"
+
+    def guard_threshold(self, quantile: float) -> float:
+        """The distance below which a face counts as a near-copy: the ``quantile`` of the
+        training photos' leave-one-out nearest-photo distances (computed at fit)."""
+        self._check_fitted()
+        if getattr(self, "guard_distances_", None) is None:
+            self._fit_guard(int(self.provenance_.get("seed", 0) or 0))
+        d = self.guard_distances_
+        if d.numel() == 0:
+            return 0.0
+        return float(torch.quantile(d.double(), quantile))
+
+    def _copies(self, z: torch.Tensor, prov: torch.Tensor, threshold: float, guard: "CopyGuard") -> torch.Tensor:
+        """(B,) bool: faces closer to a training photo than the threshold, or taking more than
+        guard.max_share of their latent pixels from one photo."""
+        bad = self.nearest_training_distance(z)[0] < threshold
+        if (prov >= 0).any():
+            N = self.n_photos
+            flat = prov.reshape(prov.shape[0], -1)
+            counts = torch.zeros(flat.shape[0], N + 1, dtype=torch.int64)
+            counts.scatter_add_(1, flat.clamp_min(-1) + 1, torch.ones_like(flat))
+            share = counts[:, 1:].max(1).values.double() / flat.shape[1]
+            bad |= share > guard.max_share
+        return bad
+
     def generate(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
-                 rank_temperature: float | None = None, progress: bool = False) -> tuple[torch.Tensor, Samples]:
-        """Draw n faces: (images (n, 3, S, S) float in [0, 1], Samples)."""
+                 rank_temperature: float | None = None, progress: bool = False,
+                 guard: CopyGuard | None = DEFAULT_GUARD) -> tuple[torch.Tensor, Samples]:
+        """Draw n faces: (images (n, 3, S, S) float in [0, 1], Samples). See sample_latents."""
         if self.autoencoder is None:
             raise NotFittedError("this Generator has no autoencoder; pass autoencoder= or use Generator.load()")
-        samples = self.sample_latents(n, seed=seed, start=start, method=method, rank_temperature=rank_temperature)
+        samples = self.sample_latents(n, seed=seed, start=start, method=method, rank_temperature=rank_temperature,
+                                      guard=guard)
         images = self.autoencoder.decode(samples.latents, progress=progress)
         return images, samples
 
@@ -323,6 +477,8 @@ class Generator:
         """One .safetensors artifact (tensors + JSON metadata), written atomically."""
         self._check_fitted()
         tensors = {"bank": self.bank_}
+        if self.guard_distances_ is not None:
+            tensors["guard.distances"] = self.guard_distances_.float().contiguous()
         tensors.update(self.projector_.state_tensors())
         tensors.update(self.mixture_.state_tensors())
         if self.decoder_state_ is not None:
@@ -354,6 +510,7 @@ class Generator:
             g.projector_ = PCAProjector.from_state(ProjectorConfig(config.channels), tensors)
             g.mixture_ = GaussianMixture.from_state(mcfg, tensors, converged=bool(meta.get("mixture_converged", True)))
             g.bank_ = tensors["bank"]
+            g.guard_distances_ = tensors.get("guard.distances")
             g.training_ = TrainingRecord(**meta["training"])
             g.provenance_ = meta.get("provenance", {})
             dec = {k[len(DECODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}

@@ -18,6 +18,13 @@ import torch
 
 from ..errors import ConfigError
 from ..seeding import generator as make_generator
+
+
+def image_generator(seed: int, tag: str, index: int, attempt: int = 0) -> torch.Generator:
+    """The random stream of image ``index`` of a run (attempt 0), or of its attempt-th redraw."""
+    if attempt == 0:
+        return make_generator(seed, tag, index)
+    return make_generator(seed, tag, index, "redraw", attempt)
 from .mixture import GaussianMixture
 
 
@@ -41,10 +48,9 @@ class LowRankSampler:
         self.mixture = mixture
         self.rank_temperature = rank_temperature
         self.ranks = component_ranks(mixture, rank_temperature)
-        r = mixture.reg_covar
         self._factors = [
-            (U[:, :dk] * (e[:dk] + r).sqrt()).float().T.contiguous()  # (d_k, d0)
-            for U, e, dk in zip(mixture.eigvecs_, mixture.eigvals_, self.ranks)
+            (U[:, :dk] * (e[:dk] + mixture.component_noise(k)).sqrt()).float().T.contiguous()  # (d_k, d0)
+            for k, (U, e, dk) in enumerate(zip(mixture.eigvecs_, mixture.eigvals_, self.ranks))
         ]
         self._means = mixture.means_.float()
         self._weights = mixture.weights_.double()
@@ -56,11 +62,19 @@ class LowRankSampler:
 
     def draw(self, n: int, seed: int, start: int = 0, component: int | None = None):
         """n samples for image indices start..start+n-1: (z (n, d0) float32, components (n,))."""
+        return self.draw_at(list(range(start, start + n)), seed, component=component)
+
+    def draw_at(self, indices: list[int], seed: int, *, attempt: int = 0, component: int | None = None):
+        """Samples for the given image indices: (z (n, d0) float32, components (n,)).
+
+        ``attempt`` > 0 gives the attempt-th redraw of each image (used by the copy guard): its
+        own random stream, so a redrawn face is the same whichever batch it is drawn in."""
+        n = len(indices)
         comps = torch.empty(n, dtype=torch.int64)
         z = torch.empty(n, self._means.shape[1])
-        for i in range(n):
+        for i, idx in enumerate(indices):
             # one image at a time: the arithmetic (not only the draws) is then independent of n
-            g = make_generator(seed, "lrgmm", start + i)
+            g = image_generator(seed, "lrgmm", idx, attempt)
             k = int(torch.multinomial(self._weights, 1, generator=g)) if component is None else component
             comps[i] = k
             eps = torch.randn(1, self.ranks[k], generator=g)

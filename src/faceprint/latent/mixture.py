@@ -14,7 +14,22 @@ d x d matrix when a component has fewer effective members than dimensions:
   component instead of O(d^3 + N d^2).
 
 The eigenpairs are exactly what the low-rank sampler of Eq. (3)-(4) needs, so fitting and
-sampling share one representation. Responsibilities below ``member_tol`` are treated as zero
+sampling share one representation.
+
+Large N (faceprint's scale path; every approximation is optional and measured against the exact
+EM by `python -m faceprint.bench scale`):
+
+* ``max_rank``: each component keeps at most that many leading eigenpairs of S_k, and the rest
+  of its spectrum becomes an isotropic residual, as in probabilistic PCA (Tipping & Bishop
+  1999): sigma_k^2 = (trace S_k - sum of the kept eigenvalues) / (d - max_rank), and
+  Sigma_k = U diag(e - sigma_k^2) U^T + (sigma_k^2 + r) I, so the kept directions keep their
+  variance and the total variance is unchanged. The model file then grows with
+  K * max_rank * d instead of N * d.
+* ``top_components``: the E-step scores each point against only the T components whose means
+  are nearest (the others get responsibility 0): O(N K d + N T d m) instead of O(N K d m).
+* ``subsample``: EM runs on that many points (drawn with the fit's generator), then one
+  assignment pass over all N points (an E-step, an M-step, and the final E-step for labels_),
+  so every point still gets its component and every component is estimated from all its points. Responsibilities below ``member_tol`` are treated as zero
 in the M-step (an error of that relative order in S_k); with member_tol = 0 the M-step is
 the textbook one.
 """
@@ -51,6 +66,9 @@ class MixtureConfig:
     kmeans_init: int = 1
     member_tol: float = 1e-10
     dtype: str = "float64"
+    max_rank: int | None = None
+    top_components: int | None = None
+    subsample: int | None = None
 
     def __post_init__(self):
         def _int(name, lo):
@@ -68,6 +86,10 @@ class MixtureConfig:
             raise ConfigError(f"tol must be a non-negative number, got {self.tol!r}")
         if not (0 <= self.member_tol < 1):
             raise ConfigError(f"member_tol must be in [0, 1), got {self.member_tol!r}")
+        for name in ("max_rank", "top_components", "subsample"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive int or None, got {v!r}")
         if self.dtype not in ("float64", "float32"):
             raise ConfigError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
 
@@ -96,9 +118,15 @@ class GaussianMixture:
         self.eigvals_ = None
         self.eigvecs_ = None
         self.labels_ = None
+        self.noise_ = None  # (K,) the isotropic residual variance of each component (rank cap)
         self.history_ = FitHistory()
 
     # ------------------------------------------------------------------ public API
+    def component_noise(self, k: int) -> float:
+        """The variance component k adds in every direction: r plus its rank-cap residual."""
+        extra = 0.0 if self.noise_ is None else float(self.noise_[k])
+        return self.reg_covar + extra
+
     @property
     def n_features(self) -> int:
         self._check_fitted()
@@ -115,6 +143,21 @@ class GaussianMixture:
         X = self._check_X(X, fitting=True)
         K = self.config.n_components
         N = X.shape[0]
+        S = self.config.subsample
+        if S is not None and S < N and init_labels is None:
+            if generator is None:
+                raise InputError("fit() needs generator= (a torch.Generator) or init_labels=; "
+                                 "e.g. faceprint.seeding.generator(0)")
+            rows = torch.randperm(N, generator=generator)[:max(S, K)].sort().values
+            self._fit_em(X[rows], kmeans(X[rows], K, generator=generator, n_iter=self.config.kmeans_iter,
+                                         n_init=self.config.kmeans_init))
+            # one assignment pass over every point
+            log_resp, _ = self._e_step(X)
+            self._m_step(X, log_resp.exp())
+            log_resp, mean_ll = self._e_step(X)
+            self.labels_ = log_resp.argmax(1)
+            self.final_log_likelihood_ = mean_ll
+            return self
         if init_labels is not None:
             init_labels = torch.as_tensor(init_labels).long()
             if init_labels.shape != (N,) or init_labels.min() < 0 or init_labels.max() >= K:
@@ -127,6 +170,16 @@ class GaussianMixture:
                                  "e.g. faceprint.seeding.generator(0)")
             labels = kmeans(X, K, generator=generator, n_iter=self.config.kmeans_iter,
                             n_init=self.config.kmeans_init)
+        self._fit_em(X, labels)
+        # final E-step so that labels_ agree with the final parameters (as scikit-learn does)
+        log_resp, mean_ll = self._e_step(X)
+        self.labels_ = log_resp.argmax(1)
+        self.final_log_likelihood_ = mean_ll
+        return self
+
+    def _fit_em(self, X: torch.Tensor, labels: torch.Tensor) -> None:
+        """EM from hard initial labels until the mean log-likelihood changes by less than tol."""
+        N, K = X.shape[0], self.config.n_components
         resp = torch.zeros(N, K, dtype=X.dtype)
         resp[torch.arange(N), labels] = 1.0
         self.history_ = FitHistory()
@@ -141,11 +194,6 @@ class GaussianMixture:
                 self.history_.converged = True
                 break
             prev = mean_ll
-        # final E-step so that labels_ agree with the final parameters (as scikit-learn does)
-        log_resp, mean_ll = self._e_step(X)
-        self.labels_ = log_resp.argmax(1)
-        self.final_log_likelihood_ = mean_ll
-        return self
 
     def component_log_prob(self, X: torch.Tensor) -> torch.Tensor:
         """log N(x | mu_k, Sigma_k) for every row and component: (N, K)."""
@@ -173,7 +221,7 @@ class GaussianMixture:
         self._check_fitted()
         U, e = self.eigvecs_[k], self.eigvals_[k]
         d = self.means_.shape[1]
-        return (U * e) @ U.T + self.reg_covar * torch.eye(d, dtype=U.dtype)
+        return (U * e) @ U.T + self.component_noise(k) * torch.eye(d, dtype=U.dtype)
 
     def astype(self, dtype: torch.dtype) -> "GaussianMixture":
         """Cast the learned parameters (e.g. to float32 for a compact artifact); returns self."""
@@ -292,6 +340,8 @@ class GaussianMixture:
         if not kept:
             raise InputError("removing these points would leave the mixture empty; the model has nothing else to keep")
         N_new = n_total - M
+        if self.noise_ is not None:
+            self.noise_ = self.noise_[kept]
         self.weights_ = (new_n[kept] / N_new).to(dtype)
         self.weights_ = self.weights_ / self.weights_.sum()
         self.means_ = torch.stack(means)
@@ -368,6 +418,7 @@ class GaussianMixture:
         self.weights_ = self.weights_ / self.weights_.sum()
         self.means_ = torch.stack(means)
         self.eigvals_, self.eigvecs_ = eigvals, eigvecs
+        self.noise_ = None
         self.labels_ = labels
         rates = torch.zeros(len(parts), Gn, dtype=torch.float64)
         rates[torch.arange(len(parts)), torch.tensor([p[0] for p in parts])] = 1
@@ -382,6 +433,7 @@ class GaussianMixture:
         self.weights_ = nk / N
         self.means_ = (resp.T @ X) / nk[:, None]
         self.eigvals_, self.eigvecs_ = [], []
+        noise = torch.zeros(resp.shape[1], dtype=torch.float64)
         for k in range(resp.shape[1]):
             members = torch.nonzero(resp[:, k] > self.config.member_tol).squeeze(1)
             if members.numel() == 0:
@@ -391,16 +443,44 @@ class GaussianMixture:
             w = (resp[members, k] / nk[k]).sqrt()
             A = (X[members] - self.means_[k]) * w[:, None]  # (n_m, d)
             e, U = _scatter_eigh(A)
+            cap = self.config.max_rank
+            if cap is not None and e.numel() > cap:
+                # probabilistic PCA: the discarded spectrum becomes an isotropic residual
+                sigma2 = float(e[cap:].sum()) / max(d - cap, 1)
+                noise[k] = sigma2
+                e, U = (e[:cap] - sigma2).clamp_min(0), U[:, :cap].contiguous()
             self.eigvals_.append(e)
             self.eigvecs_.append(U)
+        self.noise_ = noise if bool((noise > 0).any()) else None
 
-    def _component_log_prob(self, X: torch.Tensor) -> torch.Tensor:
+    def _nearest_means(self, X: torch.Tensor, T: int) -> list[torch.Tensor]:
+        """For each component, the rows whose T nearest means (Euclidean) include it."""
+        M = self.means_.to(X.dtype)
+        d2 = (M * M).sum(1)[None] - 2 * X @ M.T  # (N, K), up to the rows' own norms
+        top = d2.topk(T, dim=1, largest=False).indices  # (N, T)
+        mask = torch.zeros_like(d2, dtype=torch.bool).scatter_(1, top, True)
+        return [torch.nonzero(mask[:, k]).squeeze(1) for k in range(M.shape[0])]
+
+    def _component_log_prob(self, X: torch.Tensor, rows_of: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """log N(x | mu_k, Sigma_k), (N, K); with ``rows_of`` only those rows of each component
+        are scored and the others are -inf."""
         N, d = X.shape
-        r = self.reg_covar
         dt = X.dtype
-        x2 = (X * X).sum(1)  # (N,)
-        out = torch.empty(N, len(self.eigvals_), dtype=dt)
+        full_x2 = (X * X).sum(1)  # (N,)
+        if rows_of is None:
+            out = torch.empty(N, len(self.eigvals_), dtype=dt)
+        else:
+            out = torch.full((N, len(self.eigvals_)), -math.inf, dtype=dt)
+        Xall = X
         for k, (e, U) in enumerate(zip(self.eigvals_, self.eigvecs_)):
+            if rows_of is None:
+                X, x2 = Xall, full_x2
+            else:
+                rows = rows_of[k]
+                if rows.numel() == 0:
+                    continue
+                X, x2 = Xall[rows], full_x2[rows]
+            r = self.component_noise(k)
             mu = self.means_[k].to(dt)
             U = U.to(dt)
             e = e.to(dt)
@@ -413,11 +493,20 @@ class GaussianMixture:
                 shrink = torch.zeros_like(d2)
                 logdet = d * math.log(r)
             maha = (d2 - shrink).clamp_min(0) / r
-            out[:, k] = -0.5 * (d * LOG_2PI + logdet + maha)
+            val = -0.5 * (d * LOG_2PI + logdet + maha)
+            if rows_of is None:
+                out[:, k] = val
+            else:
+                out[rows_of[k], k] = val
         return out
 
     def _e_step(self, X: torch.Tensor) -> tuple[torch.Tensor, float]:
-        wlp = self._component_log_prob(X) + self.weights_.log()
+        T = self.config.top_components
+        K = len(self.eigvals_)
+        if T is not None and T < K:
+            wlp = self._component_log_prob(X, rows_of=self._nearest_means(X, T)) + self.weights_.log()
+        else:
+            wlp = self._component_log_prob(X) + self.weights_.log()
         lse = torch.logsumexp(wlp, 1, keepdim=True)
         return wlp - lse, float(lse.mean())
 
@@ -454,6 +543,7 @@ class GaussianMixture:
             prefix + "eigvecs": torch.cat(self.eigvecs_, 1).contiguous(),
             prefix + "labels": self.labels_,
             prefix + "history": torch.tensor(self.history_.log_likelihood, dtype=torch.float64),
+            **({} if self.noise_ is None else {prefix + "noise": self.noise_.double().contiguous()}),
         }
 
     @classmethod
@@ -465,6 +555,7 @@ class GaussianMixture:
         m.eigvals_ = list(torch.split(t[prefix + "eigvals"], ranks))
         m.eigvecs_ = list(torch.split(t[prefix + "eigvecs"], ranks, dim=1))
         m.labels_ = t[prefix + "labels"]
+        m.noise_ = t.get(prefix + "noise")
         hist = t[prefix + "history"].tolist()
         m.history_ = FitHistory(hist, converged, len(hist))
         return m
