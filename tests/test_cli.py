@@ -60,6 +60,15 @@ def test_fit_generate_inspect_round_trip(small_folder, tmp_path, capsys):
     assert len(doc["training_photos"]) == 40 and "broken.jpg" not in doc["training_photos"]
     m = np.array(doc["faces"][0]["latent_map"])
     assert m.shape == (16, 16) and m.min() >= 0 and m.max() < 40
+    # the copy guard is on by default, and what it did is on record
+    guard = doc["copy_guard"]
+    assert guard["enabled"] and guard["max_share"] == 0.5 and guard["quantile"] == 0.05 and guard["threshold"] > 0
+    assert guard["faces_redrawn"] == sum(f["redraws"] > 0 for f in doc["faces"])
+    assert all(f["max_share"] <= 0.5 for f in doc["faces"])
+    code, out, err = _run(capsys, "generate", model, "-n", "2", "-o", tmp_path / "off", "--provenance",
+                          "--no-copy-guard", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "off" / "provenance.json").read_text())["copy_guard"] == {"enabled": False}
     # the same seed and index give the same face
     code, _, err = _run(capsys, "generate", model, "-n", "1", "--start", "4", "-o", tmp_path / "again", "--seed", "1", "-q")
     assert code == 0, err

@@ -27,14 +27,26 @@ import torch
 
 from .machine import describe, print_table
 
-METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn", "latentpatch", "ae-recon")
+METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-noguard", "lrgmm-nn", "latentpatch", "ae-recon")
 LABELS = {
     "gaussian": "standard Gaussian prior",
-    "nn": "NN step alone",
+    "nn": "NN step alone (paper rule)",
     "lrgmm": "LR-GMM",
-    "lrgmm-nn": "LR-GMM-NN",
+    "lrgmm-nn-paper": "LR-GMM-NN, paper rule (Eq. 5), no guard",
+    "lrgmm-nn-noguard": "LR-GMM-NN, seam rule, no guard",
+    "lrgmm-nn": "LR-GMM-NN default (seam rule + copy guard)",
     "latentpatch": "LatentPatch",
     "ae-recon": "AE reconstructions (ceiling)",
+}
+# generator rows: (sampling method, config overrides, copy guard on); the paper's ablation rows
+# (Fig. 6) run as the paper describes them: its per-pixel rule and no guard
+GENERATOR_ROWS = {
+    "gaussian": ("gaussian", {"refinement": "paper"}, False),
+    "nn": ("nn", {"refinement": "paper"}, False),
+    "lrgmm": ("lrgmm", {}, False),
+    "lrgmm-nn-paper": ("lrgmm-nn", {"refinement": "paper"}, False),
+    "lrgmm-nn-noguard": ("lrgmm-nn", {}, False),
+    "lrgmm-nn": ("lrgmm-nn", {}, True),
 }
 
 
@@ -68,6 +80,10 @@ def add_arguments(p) -> None:
                    help="reuse the methods an interrupted run with the same settings finished (OUT/partial/)")
     p.add_argument("--reference-n", type=int, default=None, help="use only the first N reference photos (smoke runs)")
     p.add_argument("--batch", type=int, default=250, help="faces generated/decoded/featurised per chunk")
+    p.add_argument("--carry-over", type=Path, default=None,
+                   help="an earlier quality JSON whose rows named by --carry are reused, not recomputed (for rows "
+                        "whose code and seed did not change; marked in the table)")
+    p.add_argument("--carry", default="", help="comma-separated methods to take from --carry-over")
 
 
 def _data_dir(args) -> Path:
@@ -174,15 +190,34 @@ def run(args) -> int:
     partial = args.out / "partial"
     run_key = {"protocol": proto.name, "seed": args.seed, "n": args.n, "reference_n": len(ref_idx), "batch": args.batch,
                "faceprint": info.get("faceprint")}
+    carried = json.loads(args.carry_over.read_text()) if args.carry_over else None
+    carry = {m for m in args.carry.split(",") if m}
     for method in methods:
         done = partial / f"{method}.json"
         saved = _resumed(done, run_key) if args.resume else None
+        if method in carry and carried is not None and method in carried["results"]:
+            row = dict(carried["results"][method])
+            row["carried_over_from"] = carried["machine"].get("date")
+            results[method] = row
+            # the 10-face sample sheet is redrawn (cheap); the scores are the earlier run's
+            if method == "latentpatch":
+                z, _ = lp.sample(10, seed=args.seed, start=0)
+            elif method == "ae-recon":
+                z = lat_all[held_idx[:10]].float()
+            else:
+                g_method, g_over, g_guard = GENERATOR_ROWS[method]
+                z = _variant(gen, g_over).sample_latents(10, seed=args.seed, method=g_method,
+                                                         **({} if g_guard else {"guard": None})).latents
+            sheet.append(render.to_uint8(ae.decode(z)))
+            print(f"  {method}: FID {row['fid']:.2f} (carried over from {args.carry_over.name})", flush=True)
+            continue
         if saved is not None:
             results[method] = saved
             sheet.append(np.load(partial / f"{method}-sheet.npy", allow_pickle=False))
             print(f"  {method}: FID {saved['fid']:.2f} (resumed from {done})", flush=True)
             continue
         t_samp = t_dec = t_feat = 0.0
+        redrawn = over_guard = 0
         feats, lats, provs = [], [], []
         n = args.n if method != "ae-recon" else min(args.n, len(held_idx))
         for s in range(0, n, args.batch):
@@ -194,9 +229,15 @@ def run(args) -> int:
             elif method == "ae-recon":
                 z = lat_all[held_idx[s:s + m]].float()
             else:
-                smp = gen.sample_latents(m, seed=args.seed, start=s, method=method)
+                g_method, g_over, g_guard = GENERATOR_ROWS[method]
+                g = _variant(gen, g_over)
+                kw = {} if g_guard else {"guard": None}
+                smp = g.sample_latents(m, seed=args.seed, start=s, method=g_method, **kw)
                 z = smp.latents
-                prov = smp.provenance if method in ("nn", "lrgmm-nn") else None
+                prov = smp.provenance if g_method in ("nn", "lrgmm-nn") else None
+                if smp.redraws is not None:
+                    redrawn += int((smp.redraws > 0).sum())
+                over_guard += int(_over_guard(gen, z, smp.provenance).sum())
             t1 = time.perf_counter()
             imgs = ae.decode(z)
             t2 = time.perf_counter()
@@ -212,6 +253,10 @@ def run(args) -> int:
         L = torch.cat(lats)
         row = {"n": n, "ms_per_image_latent": t_samp / n * 1000, "ms_per_image_decode": t_dec / n * 1000,
                "ms_per_image_inception": t_feat / n * 1000}
+        if method in GENERATOR_ROWS:
+            # faces over the copy guard's default bound (shipped by this row), and faces it redrew
+            row["over_guard"] = over_guard
+            row["redrawn"] = redrawn
         row["fid"] = fid(F, ref_feat)
         k = kid(F, ref_feat, seed=args.seed, subset_size=min(1000, len(F), len(ref_feat)))
         row["kid"], row["kid_std"] = float(k[0]), float(k[1])
@@ -270,8 +315,32 @@ def run(args) -> int:
     render.save_png(render.grid(np.concatenate(sheet), cols=10), stem.parent / f"{stem.name}-samples.png")
     if sweep:
         _plot_sweep(sweep, stem.parent / f"{stem.name}-lambda.png", proto.name)
+    _plot_pareto(doc, methods, stem.parent / f"{stem.name}-pareto.png", proto.name)
     print(f"\nwrote {stem}.json, {stem}.md, {stem.name}-samples.png" + (f", {stem.name}-lambda.png" if sweep else ""))
     return 0
+
+
+def _variant(gen, overrides: dict):
+    """The fitted generator with other sampling settings (the fitted state is shared)."""
+    import dataclasses
+
+    if not overrides:
+        return gen
+    key = tuple(sorted(overrides.items()))
+    cache = gen.__dict__.setdefault("_bench_variants", {})
+    if key not in cache:
+        g = gen.copy(share=("bank_", "projector_", "mixture_", "training_"))
+        g.config = dataclasses.replace(gen.config, **overrides)
+        g._cache = {}
+        cache[key] = g
+    return cache[key]
+
+
+def _over_guard(gen, z, prov):
+    """(B,) bool: faces the default copy guard would refuse (faces without provenance: distance only)."""
+    from ..latent.generator import DEFAULT_GUARD
+
+    return gen._copies(z, prov, gen.guard_threshold(DEFAULT_GUARD.quantile), DEFAULT_GUARD)
 
 
 def _best(fn, repeat):
@@ -398,15 +467,16 @@ def _table_rows(doc, methods):
         r = doc["results"].get(m)
         if r is None:
             continue
-        rows.append([LABELS[m], r["n"], f"{r['fid']:.2f}", f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}",
+        rows.append([LABELS[m] + (" (earlier run)" if r.get("carried_over_from") else ""), r["n"], f"{r['fid']:.2f}", f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}",
                      f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['density']:.3f}", f"{r['coverage']:.3f}",
-                     *_mem_cells(r), f"{r['ms_per_image_latent']:.2f}", f"{r['ms_per_image_decode']:.2f}"])
+                     *_mem_cells(r), _fmt(r.get("over_guard"), 0), _fmt(r.get("redrawn"), 0),
+                     f"{r['ms_per_image_latent']:.2f}", f"{r['ms_per_image_decode']:.2f}"])
     return rows
 
 
 HEADER = ["method", "n", "FID", "KID x1e3", "precision", "recall", "density", "coverage",
           "closer than any held-out", "closer than 5% held-out", "photos per face", "largest share",
-          "latent ms/img", "decode ms/img"]
+          "over guard bound", "redrawn by guard", "latent ms/img", "decode ms/img"]
 
 
 def _print_tables(doc, methods):
@@ -437,6 +507,49 @@ def _markdown(doc, methods) -> str:
     with contextlib.redirect_stdout(buf):
         _print_tables(doc, methods)
     return buf.getvalue()
+
+
+def _plot_pareto(doc, methods, path, name):
+    """FID against the copy rate (share of faces closer to a training photo than 95% of
+    held-out photos, Inception space) for every row that has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for m in methods:
+        r = doc["results"].get(m)
+        mi = (r or {}).get("memorization_inception") or {}
+        if r is None or mi.get("share_below_quantile") is None or r["fid"] > 200:
+            continue
+        pts.append((mi["share_below_quantile"], r["fid"], LABELS[m]))
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for x, y, label in pts:
+        ax.plot(x, y, "o")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = sorted(pts)
+    best, line = float("inf"), []
+    for x, y, _ in front:
+        if y < best:
+            best = y
+            line.append((x, y))
+    ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="grey", label="Pareto front")
+    ae = doc["results"].get("ae-recon")
+    if ae:
+        ax.axhline(ae["fid"], color="green", lw=0.8, label=f"AE reconstructions (ceiling) {ae['fid']:.1f}")
+    ax.set_xlabel("copy rate: faces closer to a training photo than 95% of held-out photos")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"Quality against copying ({name}, {doc['machine'].get('generated per method')} faces per row)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def _plot_sweep(sweep, path, name):

@@ -56,6 +56,14 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations", type=_nonneg_int, default=1, help="NN projection iterations (default 1)")
     g.add_argument("--copy", choices=("full", "projected"), default="full",
                    help="refinement copies the full latent feature or its PCA projection (default full)")
+    g.add_argument("--refinement", choices=("seam", "paper"), default="seam",
+                   help="seam: neighbouring latent pixels are chosen jointly so the collage has no visible seams "
+                        "(default); paper: each pixel independently (papers/000 Eq. 5)")
+    g.add_argument("--seam-weight", type=_number(float, 0.0, False, "a non-negative number"), default=None,
+                   help="weight of the seam cost against the patch cost (default: the model's)")
+    g.add_argument("--em", choices=("auto", "exact", "fast"), default="auto",
+                   help="exact EM, or the fast scale path (subsample, truncated E-step, rank cap); auto: exact "
+                        "up to 4,096 photos (default)")
     g.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the EM initialisation (default 0)")
     d = p.add_argument_group("data")
     d.add_argument("--labels", type=Path, default=None, help="CSV label table joined by file name (optional)")
@@ -63,6 +71,24 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--strict", action="store_true", help="stop at the first unreadable photo instead of skipping it")
     d.add_argument("--cache-dir", type=Path, default=None, help="latent cache folder (default ~/.cache/faceprint)")
     d.add_argument("--no-cache", action="store_true", help="do not read or write the latent cache")
+
+
+def _add_guard_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("copy guard (on by default: no face ships as a near-copy of a training photo)")
+    g.add_argument("--no-copy-guard", action="store_true", help="turn the copy guard off (faces may copy training photos)")
+    g.add_argument("--max-share", type=_fraction, default=0.5,
+                   help="redraw a face taking more than this share of its latent pixels from one photo (default 0.5)")
+    g.add_argument("--guard-quantile", type=_number(float, 0.0, False, "a number in [0, 1)", highest=0.999), default=0.05,
+                   help="redraw a face closer to a training photo than this quantile of held-out photos' "
+                        "nearest-photo distances (default 0.05)")
+
+
+def _guard(args):
+    from ..latent.generator import CopyGuard
+
+    if getattr(args, "no_copy_guard", False):
+        return None
+    return CopyGuard(quantile=getattr(args, "guard_quantile", 0.05), max_share=getattr(args, "max_share", 0.5))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -96,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("lrgmm-nn", "lrgmm", "nn", "gaussian"), default=None,
                    help="sampling method (default: the model's, lrgmm-nn); the others are the paper's ablations")
     p.add_argument("--rank-temperature", type=_positive_float, default=None, help="override lambda at sampling time")
+    _add_guard_options(p)
     _add_common(p)
 
     p = sub.add_parser("inspect", help="print a model's config, provenance and sizes")
@@ -171,8 +198,10 @@ def _fit(args, folder: Path, output: Path, *, limit, size=128, labels=None, stri
 def cmd_fit(args) -> int:
     from ..latent.generator import GeneratorConfig
 
+    extra = {} if args.seam_weight is None else {"seam_weight": args.seam_weight}
     cfg = GeneratorConfig(components=args.components, channels=args.channels, rank_temperature=args.rank_temperature,
-                          patch_radius=args.patch_radius, iterations=args.iterations, copy=args.copy)
+                          patch_radius=args.patch_radius, iterations=args.iterations, copy=args.copy,
+                          refinement=args.refinement, em=args.em, **extra)
     _fit(args, args.folder, args.output, limit=args.limit, size=args.size, labels=args.labels, strict=args.strict,
          config=cfg, seed=args.seed)
     return 0
@@ -198,11 +227,22 @@ def _write_outputs(gen, images, samples, out_dir: Path, grid_path: Path | None, 
             faces.append({"file": f"face_{i:06d}.png", "map": f"face_{i:06d}_map.png", "index": i,
                           "component": int(samples.components[j]), **summary[j],
                           "latent_map": samples.provenance[j].tolist()})
-        doc = {"seed": seed, "method": method, "training_photos": gen.training_.relpaths,
+        for j, f in enumerate(faces):
+            f["redraws"] = int(samples.redraws[j]) if samples.redraws is not None else 0
+        doc = {"seed": seed, "method": method, "copy_guard": _guard_record(samples),
+               "training_photos": gen.training_.relpaths,
                "training_root": gen.training_.root, "faces": faces,
                "note": "latent_map[y][x] is the index into training_photos of the photo that latent pixel was "
                        "copied from (-1: not copied); each latent pixel covers 8x8 image pixels"}
         atomic_write_text(out_dir / "provenance.json", json.dumps(doc, indent=1))
+
+
+def _guard_record(samples) -> dict:
+    """The copy guard's settings and counts, for provenance.json and the command's summary."""
+    if samples.guard is None:
+        return {"enabled": False}
+    r = samples.redraws
+    return {"enabled": True, **samples.guard, "faces_redrawn": int((r > 0).sum()), "redraws": int(r.sum())}
 
 
 def cmd_generate(args) -> int:
@@ -218,12 +258,19 @@ def cmd_generate(args) -> int:
         raise InputError(f"--provenance needs a method that copies training latents (lrgmm-nn or nn), not {method!r}")
     t0 = time.perf_counter()
     images, samples = gen.generate(args.n, seed=args.seed, start=args.start, method=method,
-                                   rank_temperature=args.rank_temperature, progress=_progress(args))
+                                   rank_temperature=args.rank_temperature, progress=_progress(args), guard=_guard(args))
     t1 = time.perf_counter()
     _write_outputs(gen, images, samples, args.output, args.grid, args.provenance, args.seed, method)
     _say(args, f"generated {args.n} faces in {t1 - t0:.2f} s ({(t1 - t0) / args.n * 1000:.0f} ms/face); wrote {args.output}"
-               + (f" and {args.grid}" if args.grid else ""))
+               + (f" and {args.grid}" if args.grid else "") + "; " + _guard_words(samples))
     return 0
+
+
+def _guard_words(samples) -> str:
+    g = _guard_record(samples)
+    if not g["enabled"]:
+        return "copy guard OFF"
+    return f"copy guard redrew {g['faces_redrawn']} of {len(samples.indices)} faces as near-copies"
 
 
 def _human_bytes(n: int) -> str:
@@ -307,7 +354,7 @@ def cmd_demo(args) -> int:
     _write_outputs(gen, images, samples, out / "faces", out / "grid.png", True, args.seed, gen.config.method)
     t2 = time.perf_counter()
     _say(args, f"demo: {args.n} faces from {gen.n_photos} photos in {t2 - t0:.1f} s "
-               f"(fit {t1 - t0:.1f} s, generate {t2 - t1:.1f} s)")
+               f"(fit {t1 - t0:.1f} s, generate {t2 - t1:.1f} s); {_guard_words(samples)}")
     print(out / "grid.png")
     print(out / "grid_provenance.png")
     return 0

@@ -77,7 +77,7 @@ class GeneratorConfig:
     em_max_rank: int = 128
     refinement: str = "seam"
     candidates: int = 8
-    seam_weight: float = 0.1
+    seam_weight: float = 0.3
     sweeps: int = 4
 
     def mixture_config(self, n_photos: int) -> MixtureConfig:
@@ -426,17 +426,48 @@ class Generator:
             return 0.0
         return float(torch.quantile(d.double(), quantile))
 
-    def _copies(self, z: torch.Tensor, prov: torch.Tensor, threshold: float, guard: "CopyGuard") -> torch.Tensor:
-        """(B,) bool: faces closer to a training photo than the threshold, or taking more than
-        guard.max_share of their latent pixels from one photo."""
-        bad = self.nearest_training_distance(z)[0] < threshold
+    def _copies(self, z: torch.Tensor, prov: torch.Tensor, threshold: float, guard: "CopyGuard",
+                candidates: int = 8) -> torch.Tensor:
+        """(B,) bool: faces the guard refuses.
+
+        Share rule: more than guard.max_share of the latent pixels come from one photo.
+        Distance rule: beyond the pixels it copies from a training photo, the face is still
+        closer to that photo than new photos come to the training set. For training photo j the
+        distance is the root of the mean squared latent-pixel distance over the pixels *not*
+        copied from j (all pixels for a face without provenance), scaled to a whole latent, and
+        it is compared with the held-out threshold. (A plain latent distance would flag most
+        collages: a pixel copied from j is at distance 0 from j, so any collage sits closer to
+        its sources than a new photo does, whether or not it looks like them.) It is evaluated
+        for the ``candidates`` photos nearest to the face and the two it copies most from."""
+        B = z.shape[0]
+        N = self.n_photos
+        _, h, w = self.latent_shape
+        flat = prov.reshape(B, -1)
+        bad = torch.zeros(B, dtype=torch.bool)
+        counts = None
         if (prov >= 0).any():
-            N = self.n_photos
-            flat = prov.reshape(prov.shape[0], -1)
-            counts = torch.zeros(flat.shape[0], N + 1, dtype=torch.int64)
+            counts = torch.zeros(B, N + 1, dtype=torch.int64)
             counts.scatter_add_(1, flat.clamp_min(-1) + 1, torch.ones_like(flat))
-            share = counts[:, 1:].max(1).values.double() / flat.shape[1]
+            counts = counts[:, 1:]
+            share = counts.max(1).values.double() / flat.shape[1]
             bad |= share > guard.max_share
+        if threshold <= 0:
+            return bad
+        Bk, b2 = self._bank_flat()
+        X = z.reshape(B, -1).float()
+        d2 = (X * X).sum(1, keepdim=True) + b2[None] - 2 * X @ Bk.T  # (B, N)
+        cand = d2.topk(min(candidates, N), dim=1, largest=False).indices
+        if counts is not None:
+            cand = torch.cat([cand, counts.topk(min(2, N), dim=1).indices], 1)
+        C = self.bank_.shape[1]
+        T = self.bank_[cand].float().reshape(B, cand.shape[1], C, h * w)  # (B, M, C, hw)
+        per_px = ((T - z.reshape(B, 1, C, h * w).float()) ** 2).sum(2)  # (B, M, hw)
+        keep = flat[:, None, :] != cand[:, :, None]  # pixels not copied from the candidate
+        n_keep = keep.sum(2)
+        mean_sq = (per_px * keep).sum(2) / n_keep.clamp_min(1)
+        mean_sq[n_keep == 0] = 0.0  # wholly copied: distance 0
+        dist = (mean_sq * (h * w)).sqrt()  # on the scale of a whole-latent distance
+        bad |= dist.min(1).values < threshold
         return bad
 
     def generate(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
