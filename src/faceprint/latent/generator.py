@@ -89,7 +89,7 @@ class GeneratorConfig:
             return MixtureConfig(n_components=K, reg_covar=self.reg_covar, max_iter=self.em_max_iter, tol=self.em_tol)
         return MixtureConfig(n_components=K, reg_covar=self.reg_covar, max_iter=self.em_max_iter, tol=self.em_tol,
                              dtype="float32", max_rank=self.em_max_rank, top_components=self.em_top_components,
-                             subsample=self.em_subsample)
+                             subsample=self.em_subsample, member_tol=1e-3)
 
     def refine_config(self) -> RefineConfig:
         return RefineConfig(self.patch_radius, self.iterations, mode=self.refinement, candidates=self.candidates,
