@@ -88,8 +88,13 @@ def sha256_file(path, chunk: int = 1 << 20, *, max_bytes: int | None = DEFAULT_M
 
     Raises SpecialFileError (an OSError) for a FIFO, device, socket or folder, for a file that
     reads past ``max_bytes`` (e.g. a /proc file that never ends) or that takes more than
-    ``max_seconds`` (a read that makes no progress)."""
+    ``max_seconds`` (a read that makes no progress). Whatever ``max_bytes``, no more than the
+    file's size at open plus 64 MiB is read (a file that keeps growing, or a /proc file that
+    never ends, is refused rather than read forever)."""
     fd = open_regular(path)
+    size = os.fstat(fd).st_size
+    bound = size + (64 << 20)
+    max_bytes = bound if max_bytes is None else min(max_bytes, bound)
     h = hashlib.sha256()
     total = 0
     t0 = time.monotonic()
@@ -102,8 +107,8 @@ def sha256_file(path, chunk: int = 1 << 20, *, max_bytes: int | None = DEFAULT_M
                 h.update(block)
                 total += len(block)
                 if max_bytes is not None and total > max_bytes:
-                    raise _err(SpecialFileError, errno.EFBIG, f"file {str(path)!r} is larger than {max_bytes} bytes "
-                                                        "(or does not end); not read further")
+                    raise _err(SpecialFileError, errno.EFBIG, f"file {str(path)!r} reads past {max_bytes} bytes "
+                                                        f"(its size is {size}: it grows or does not end); not read further")
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
                     raise _err(SpecialFileError, errno.ETIMEDOUT, f"file {str(path)!r} was not read within "
                                                             f"{max_seconds:.0f} s; not read further")

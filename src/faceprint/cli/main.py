@@ -181,7 +181,7 @@ def _fit_model(args, folder: Path, *, limit, size=128, labels=None, strict=False
         latent_set = encode_folder(folder_obj, ae, cache=cache, progress=_progress(args))
     skipped = [w for w in caught if issubclass(w.category, SkippedImageWarning)]
     for w in skipped[:20]:
-        _say(args, f"skipped {w.message}")
+        _say(args, str(w.message))
     if len(skipped) > 20:
         _say(args, f"... and {len(skipped) - 20} more skipped photos")
     t1 = time.perf_counter()
@@ -242,7 +242,8 @@ def _plan_faces(plan, flag: str, out_dir: Path, grid_path: Path | None, provenan
         if n > MAX_GRID:
             raise InputError(f"--grid holds at most {MAX_GRID} faces (its pixels are kept in memory), got -n {n}; "
                              "drop --grid for more faces")
-        check_parent_exists("--grid", grid_path)
+        if grid_named:
+            check_parent_exists("--grid", grid_path)
         m = FACE_RE.match(grid_path.name)
         if m and _same_dir(grid_path.parent, out_dir) and start <= int(m.group(1)) < start + n:
             raise InputError(f"--grid {str(grid_path)!r} is also one of the face files of -o {str(out_dir)!r}; "
@@ -445,6 +446,9 @@ def cmd_demo(args) -> int:
         raise InputError("demo: no photos found at ../shared/datasets/celeba-10k/images; pass --data FOLDER "
                          "with at least 32 aligned face photos (JPEG/PNG/WebP)")
     out = args.output
+    if not Path(data).is_dir():
+        raise InputError(f"--data {str(data)!r} is not a folder of photos (it does not exist or is a file); "
+                         "pass a folder with at least 32 aligned face photos")
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {str(out)!r} exists and is not a folder")
     plan = Plan().input_folder("--data photo", data).output_folder("-o", out)
