@@ -170,7 +170,12 @@ def remove_stale_temporaries(folder, name: str | None = None) -> int:
         return 0
     for e in entries:
         m = _TMP_RE.match(e.name)
-        if m and (name is None or m.group("name") == name) and not _pid_alive(int(m.group("pid"))):
+        if not m:
+            continue
+        target = m.group("name")
+        while (inner := _TMP_RE.match(target)) is not None:  # a temporary of a temporary (nested atomic writes)
+            target = inner.group("name")
+        if (name is None or target == name) and not _pid_alive(int(m.group("pid"))):
             with contextlib.suppress(OSError):
                 os.unlink(e.path)
                 n += 1
@@ -245,6 +250,7 @@ def save_artifact(path, tensors: dict[str, torch.Tensor], meta: dict, *, mode: i
     ``meta`` keys become header entries whose values are JSON strings. ``format_version`` and
     ``faceprint_version`` are added.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     header = {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
@@ -252,7 +258,11 @@ def save_artifact(path, tensors: dict[str, torch.Tensor], meta: dict, *, mode: i
     header["faceprint_version"] = json.dumps(__version__)
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, mode) as tmp:
-        save_file(clean, str(tmp), metadata=header)
+        try:
+            save_file(clean, str(tmp), metadata=header)
+        except SafetensorError as e:  # the I/O errors of the Rust writer (disk full, file too large)
+            msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+            raise _err(OutputError, errno.EIO, f"cannot write {str(path)!r}: {msg}") from None
 
 
 def load_artifact(path, expected_class: str | None = None, *, validate: bool = True) -> tuple[dict[str, torch.Tensor], dict]:

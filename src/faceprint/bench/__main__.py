@@ -15,6 +15,7 @@ BENCHES = {
     "recognisers": "identity verification ROC and attribute classifier accuracy",
     "taming": "forget / rebalance / coverage tables",
     "attribution": "owner fingerprint: attribution of 100 instances, false matches among >= 10,000 negatives, FID",
+    "reliability": "hostile and broken input: corpus of cases per command and kind, kill -9 trials, validation cost",
 }
 
 

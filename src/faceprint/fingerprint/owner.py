@@ -187,12 +187,12 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
     check_entry_fields(recipient, instance, model_hash, MECHANISM, note)
     if seed is not None:
         check_seed(seed)
-    key, new_key = owner.prepare_key(gen, key_seed=key_seed)  # writes nothing
     folder_existed = owner.folder.exists()
     local = owner._local_registry()
     registry_existed = local is None or local.exists()
     key_saved = committed = False
     box = {}
+    key = None
 
     def build(entry, path=None):
         inst = fingerprint_bank_instance(gen, key, entry.bits, {"instance": instance, "recipient": recipient,
@@ -208,6 +208,7 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
             if reg.instance_taken(instance):
                 raise InputError(f"instance {instance!r} already has a code in registry {reg.url!r}; "
                                  "choose a new instance name (one code per model instance)")
+            key, new_key = owner.prepare_key(gen, key_seed=key_seed)  # writes nothing
             if new_key:
                 owner._ensure_folder()
                 key.save(owner.key_path)
