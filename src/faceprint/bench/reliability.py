@@ -110,7 +110,7 @@ def make_context(root: Path, *, n_photos: int = 40, with_128: bool = False, prog
             ls = encode_folder(FaceFolder(photos, size=128), ae, cache=LatentCache(cache))
             Generator(GeneratorConfig(components=2), autoencoder=ae).fit(ls, seed=0).save(model128)
     labels = root / "labels.csv"
-    rows = ["image_id,Male,Bald"] + [f"{p.name},{1 if i % 2 else -1},{1 if i % 7 == 0 else -1}" for i, p in enumerate(files)]
+    rows = ["file,Male,Bald"] + [f"{p.name},{1 if i % 2 else -1},{1 if i % 7 == 0 else -1}" for i, p in enumerate(files)]
     labels.write_text("\n".join(rows) + "\n")
     owner = root / "owner"
     if not owner.exists():
@@ -332,6 +332,7 @@ def _m(ctx, d):
 def _copy_model(ctx, d, name="m.safetensors"):
     p = d / name
     if not p.exists():
+        d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ctx.model, p)
     return p
 
@@ -839,7 +840,7 @@ def build_cases(full: bool = True) -> list[Case]:
                         str(_stale_temp(d, "o.safetensors") / "o.safetensors"), "-q"],
         expect="ok", check=_no_temporaries, inputs=lambda ctx, d: [d / "photos"], quick=Q)
     add("control", "inspect", "a valid model", lambda ctx, d: ["inspect", _m(ctx, d)], expect="ok")
-    add("control", "generate", "-o over an existing model path refused only if it is the input",
+    add("control", "tame rebalance", "-o over an existing model (not an input) is replaced",
         lambda ctx, d: ["tame", "rebalance", str(_copy_model(ctx, d)), "--labels", str(ctx.labels), "--attribute", "Male=0.5",
                         "-o", str(_copyfile(ctx.model, d / "old.safetensors")), "-q"],
         expect="ok", inputs=lambda ctx, d: [d / "m.safetensors"])
@@ -1032,7 +1033,7 @@ def _ro_cmd(cmd: str, ctx, d: Path, how: str) -> list[str]:
     return {
         "fit": ["fit", str(ctx.photos), "-o", str(out), "--size", "64", "--components", "2", "-q", "--cache-dir", str(ctx.cache)],
         "generate": ["generate", str(d / "m.safetensors"), "-n", "4", "-o", str(mnt / "faces"), "-q"],
-        "tame forget": ["tame", "forget", str(d / "m.safetensors"), "--photos", str(_photos_with()(ctx, d)), "-o", str(out), "-q"],
+        "tame forget": ["tame", "forget", str(d / "m.safetensors"), "--photos", str(_forget_set(ctx, d)), "-o", str(out), "-q"],
         "tame rebalance": ["tame", "rebalance", str(d / "m.safetensors"), "--labels", str(ctx.labels), "--attribute",
                            "Male=0.5", "-o", str(out), "-q"],
         "fingerprint issue": ["fingerprint", "issue", str(d / "m.safetensors"), "--to", "X", "-o", str(out),

@@ -112,18 +112,29 @@ def cmd_issue(args) -> int:
     return 0
 
 
-def _image_files(paths):
-    from ..data.folder import FaceFolder
+def _image_files(paths, say=None):
+    """Image files of the arguments (folders searched like photo folders). Files a folder skips
+    (special files) are reported through ``say`` once every folder was read: a refusal stays
+    one line."""
+    import warnings
 
+    from ..data.folder import FaceFolder
+    from ..errors import SkippedImageWarning
     from .safety import regular_input
 
-    files = []
+    files, skipped = [], []
     for p in paths:
         if p.is_dir():
-            ff = FaceFolder(p)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SkippedImageWarning)
+                ff = FaceFolder(p)
+            skipped += [str(w.message) for w in caught if issubclass(w.category, SkippedImageWarning)]
             files.extend(ff.root / r for r in ff.relpaths)
         else:
             files.append(regular_input("image", p, "image file"))
+    for m in skipped:
+        if say is not None:
+            say(m)
     return files
 
 
@@ -168,7 +179,7 @@ def cmd_calibrate(args) -> int:
     key = owner.load_key()
     ae = TAEF2.load(args.weights)
     gen = Generator.load(args.model, autoencoder=ae)
-    files = _image_files(args.negatives)
+    files = _image_files(args.negatives, say=lambda m: _say(args, m))
     _say(args, f"decoding {len(files)} negative photos")
     parts = {"photos": _decode_files(files, key, ae)}
 
@@ -227,7 +238,7 @@ def cmd_verify(args) -> int:
     owner = _owner(args)
     key = owner.load_key()
     cal = owner.load_calibration()
-    files = _image_files(args.images)
+    files = _image_files(args.images, say=lambda m: _say(args, m))
     ae = TAEF2.load(args.weights)
     sizes: list[int] = []
     decoded = _decode_files(files, key, ae, crop_search=args.crop_search, sizes=sizes)

@@ -56,6 +56,17 @@ def _inside(p: Path, folder: Path) -> bool:
     return rp == rf or rf in rp.parents
 
 
+def _location(p: Path) -> Path:
+    """Where a write to ``p`` lands: a write replaces a symlink itself, so its folder is
+    resolved but not its last component."""
+    return _resolve(p.parent if str(p.parent) else Path(".")) / p.name
+
+
+def _written_inside(p: Path, folder: Path) -> bool:
+    loc, rf = _location(p), _resolve(folder)
+    return loc == rf or rf in loc.parents or _inside(p, folder)
+
+
 class Plan:
     """The inputs and outputs of one command, checked together by :meth:`check`.
 
@@ -100,12 +111,12 @@ class Plan:
                 if _same(d, i):
                     raise InputError(f"{flag} {str(d)!r} is the {what} input; choose another folder")
             for what, i in self.input_dirs:
-                if _inside(d, i):
+                if _written_inside(d, i):
                     raise InputError(f"{flag} {str(d)!r} is inside the {what} folder {str(i)!r}, which the command "
                                      "reads; write the outputs elsewhere")
         seen: dict[Path, str] = {}
         for flag, p, named in self.outputs:
-            rp = _resolve(p)
+            rp = _location(p)
             if rp in seen:
                 raise InputError(f"{flag} {str(p)!r} is also the output of {seen[rp]}; give each output its own path")
             seen[rp] = flag
@@ -114,7 +125,7 @@ class Plan:
                     raise InputError(f"{flag} {str(p)!r} is the {what} input; an output never replaces an input: "
                                      "choose a new file name")
             for what, i in self.input_dirs:
-                if _inside(p, i) and (p.exists() or p.is_symlink()):
+                if _written_inside(p, i) and (p.exists() or p.is_symlink()):
                     raise InputError(f"{flag} {str(p)!r} is a file inside the {what} folder {str(i)!r}, which the "
                                      "command reads; write the output elsewhere")
             _check_output_file(flag, p, named)

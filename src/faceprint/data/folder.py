@@ -470,8 +470,9 @@ class FaceFolder:
         self.root = given.resolve()
         relpaths, n_other = self._discover()
         if not relpaths:
+            special = f", of which {len(self.special)} special files skipped" if self.special else ""
             raise DataError(
-                f"photo folder {str(self.root)!r} holds no image files ({n_other} other files seen; looked "
+                f"photo folder {str(self.root)!r} holds no image files ({n_other} other files seen{special}; looked "
                 f"recursively for {' '.join(sorted(IMAGE_EXTENSIONS))}, ignoring hidden files and folders); "
                 "point to the folder that contains the photos"
             )
