@@ -100,9 +100,12 @@ def test_derived_models_pass_validation(ctx, tmp_path):
         (forget / p.name).symlink_to(os.readlink(p))
     assert main(["tame", "forget", str(ctx.model), "--photos", str(forget), "-o", str(out), "-q"]) == 0
     load_artifact(out)
-    assert main(["tame", "include", str(out), "--labels", str(ctx.labels), "--include", "Male", "--min-members", "2",
-                 "-o", str(tmp_path / "i.safetensors"), "-q"]) == 0
+    assert main(["tame", "include", str(out), "--labels", str(ctx.labels), "--include", "Male", "--share", "0.7",
+                 "--min-members", "2", "-o", str(tmp_path / "i.safetensors"), "-q"]) == 0
     load_artifact(tmp_path / "i.safetensors")
+    assert main(["tame", "rebalance", str(tmp_path / "i.safetensors"), "--labels", str(ctx.labels), "--attribute",
+                 "Male=0.3", "--min-members", "2", "-o", str(tmp_path / "r.safetensors"), "-q"]) == 0
+    load_artifact(tmp_path / "r.safetensors")
 
 
 def test_validation_is_cheap(ctx):
