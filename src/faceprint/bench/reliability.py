@@ -54,7 +54,7 @@ KINDS = {
     "tampered": "tampered or damaged artifacts (metadata types, versions, classes, shapes, NaN/inf, invariants)",
     "os-error": "read-only folder, full disk, output path that is a folder or under a file, file size limit",
     "extreme-args": "extreme numbers and malformed arguments",
-    "broken-pipe": "stdout closed by the reader (`| head`)",
+    "broken-pipe": "stdout closed by the reader (piped to `head -1`)",
     "bad-photos": "ordinary broken photos and label tables",
     "control": "hostile-looking but valid input that must still work",
 }
@@ -1269,14 +1269,31 @@ def kill_trials(ctx: Context, n: int, *, seed: int = 0, progress=print) -> dict:
         name = names[i % len(names)]
         out = d / f"{name.replace(' ', '_')}.safetensors"
         old = sha256_file(out)
-        when = rng.uniform(0.3, 1.05) * durations[name]
-        p = subprocess.Popen([sys.executable, "-c", _CHILD, *commands[name](out)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=_env())
-        time.sleep(when)
-        killed = p.poll() is None
-        if killed:
-            os.kill(p.pid, signal.SIGKILL)
-        p.wait()
+        # half the trials: a random moment of the whole run; the other half: a random moment
+        # (0-15 ms) after the temporary file of the model appeared, i.e. during the write
+        mode = "during write" if i % 2 else "anytime"
+        for _attempt in range(5):  # a trial counts only if the process was still running when killed
+            when = rng.uniform(0.05, 0.95) * durations[name]
+            delay = rng.uniform(0.0, 0.015)
+            p = subprocess.Popen([sys.executable, "-c", _CHILD, *commands[name](out)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=_env())
+            t0 = time.perf_counter()
+            if mode == "anytime":
+                while p.poll() is None and time.perf_counter() - t0 < when:
+                    time.sleep(0.005)
+            else:
+                pattern = f".{out.name}.{p.pid}."
+                while p.poll() is None and not any(e.startswith(pattern) for e in os.listdir(out.parent)):
+                    time.sleep(0.0005)
+                time.sleep(delay)
+            killed = p.poll() is None
+            if killed:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            at = time.perf_counter() - t0
+            if killed:
+                break
+            old = sha256_file(out)  # it finished: its output is the new "previous" file
         ok, why = True, ""
         try:
             load_artifact(out)
@@ -1287,18 +1304,19 @@ def kill_trials(ctx: Context, n: int, *, seed: int = 0, progress=print) -> dict:
         temps_after_kill = len(list(out.parent.glob(f".{out.name}.*.tmp")))
         # the next successful run removes what the killed writer left
         r = subprocess.run([sys.executable, "-c", _CHILD, *commands[name](out)], capture_output=True, text=True, env=_env())
-        left = [p.name for p in out.parent.glob(".*.tmp")]
+        left = [q.name for q in out.parent.glob(".*.tmp")]
         if r.returncode != 0:
             ok, why = False, f"the next run failed: {r.stderr.strip()[-200:]}"
         elif left:
             ok, why = False, f"temporary files left after the next run: {left}"
-        trials.append({"command": name, "kill_at_s": round(when, 2), "killed": killed, "file": state,
+        trials.append({"command": name, "mode": mode, "kill_at_s": round(at, 3), "killed": killed, "file": state,
                        "temporaries_after_kill": temps_after_kill, "ok": ok, "why": why})
         if not ok:
             failures.append(trials[-1])
-        progress(f"kill trial {i + 1}/{n}: {name} at {when:.2f} s ({'killed' if killed else 'had finished'}), "
+        progress(f"kill trial {i + 1}/{n}: {name}, {mode}, at {at:.3f} s ({'killed' if killed else 'had finished'}), "
                  f"file {state}, {temps_after_kill} temporaries -> {'ok' if ok else 'FAIL ' + why}")
     return {"trials": trials, "n": len(trials), "killed": sum(t["killed"] for t in trials),
+            "killed_during_write": sum(t["killed"] and t["temporaries_after_kill"] > 0 for t in trials),
             "failures": len(failures), "durations_s": {k: round(v, 2) for k, v in durations.items()},
             "temporaries_after_kill": sum(t["temporaries_after_kill"] for t in trials)}
 
@@ -1409,7 +1427,8 @@ def run(args) -> int:
     for r in failures:
         print(f"FAIL {r.kind} / {r.command} / {r.name}: {r.reason}")
     if kill:
-        print(f"kill -9: {kill['n']} trials ({kill['killed']} killed while running), {kill['failures']} failures; "
+        print(f"kill -9: {kill['n']} trials ({kill['killed']} killed while running, {kill['killed_during_write']} while "
+              f"writing), {kill['failures']} failures; "
               f"{kill['temporaries_after_kill']} temporary files left by killed writers, all removed by the next run"
               if not kill["failures"] else f"kill -9: {kill['failures']} failures of {kill['n']}")
     if overhead:
@@ -1456,9 +1475,12 @@ def _markdown(doc: dict, rows) -> str:
                  + (f" ({', '.join(doc['skipped'])})" if doc["skipped"] else "") + ".")
     k = doc.get("kill")
     if k:
-        lines += ["", f"kill -9 at random moments: {k['n']} trials ({k['killed']} killed while running; commands and "
-                      f"full-run seconds {k['durations_s']}), {k['failures']} failures; {k['temporaries_after_kill']} "
-                      "temporary files left by killed writers, none after the next successful run."]
+        lines += ["", f"kill -9 at random moments: {k['n']} trials of fit, tame forget, tame rebalance and fingerprint "
+                      f"issue, each writing over an existing model ({k['killed']} killed while running, "
+                      f"{k.get('killed_during_write', 0)} of them while the new model was being written; full-run seconds "
+                      f"{k['durations_s']}). Failures: {k['failures']} (after every kill the file at the path loaded, "
+                      f"validated, as the old or a complete new model). {k['temporaries_after_kill']} temporary files left "
+                      "by killed writers; none left after the next successful run."]
     o = doc.get("overhead")
     if o:
         lines += ["", f"Validation overhead: {o['validation_s'] * 1000:.1f} ms on a {o['n_photos']}-photo model "
