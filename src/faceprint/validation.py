@@ -65,7 +65,7 @@ class Check:
 
     def fail(self, field: str, what: str):
         raise ArtifactError(
-            f"{self.kind} {self.path!r}: {field} {what}; the file is damaged or was altered: "
+            f"{self.kind} {self.path!r}: {field} {what}; the file is incomplete, damaged or altered: "
             "re-create it (e.g. with `faceprint fit`) or restore a copy"
         )
 
@@ -457,9 +457,9 @@ def validate_flow_prior(path, tensors: dict, meta: dict) -> None:
     if not float(rv[0]) > 0:
         c.fail("tensor 'pca.residual_variance'", "must be positive")
     c.orthonormal("pca.components", comps, rows=True)
-    for name in tensors:
+    for name, t in tensors.items():  # the flow's weights (its integer buffers, e.g. orders, too)
         if name.startswith("flow."):
-            c.tensor(tensors, name)
+            c.tensor(tensors, name, dtypes=FLOAT_DTYPES + INT_DTYPES + (torch.bool,))
 
 
 def _finite_floats(kind: str) -> Callable:
