@@ -55,3 +55,17 @@ class FaceprintWarning(UserWarning):
 
 class SkippedImageWarning(FaceprintWarning):
     """An image was skipped while loading a folder (not in strict mode)."""
+
+
+class FileAccessError(FaceprintError, OSError):
+    """A file or folder cannot be read or written: read-only, not a folder, disk full,
+    permission denied, or a special file (FIFO, device, socket) where a regular file belongs."""
+
+
+class OutputError(FileAccessError):
+    """An output cannot be written where asked (the message names the path and the OS reason)."""
+
+
+class SpecialFileError(FileAccessError):
+    """A path that should be a regular file is a FIFO, device, socket or folder, or its read
+    does not end (larger than the bound, or no progress)."""

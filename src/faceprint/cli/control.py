@@ -12,7 +12,9 @@ BINARY_SETS = ({"-1", "1"}, {"0", "1"}, {"false", "true"}, {"no", "yes"}, {"n", 
 
 
 def register(sub, *, common) -> None:
-    from .main import _positive_float
+    from .main import _number, _positive_float
+
+    _members = _number(float, 0.0, True, "a positive number of photos (at most 1e9)", highest=1e9)
 
     p = sub.add_parser("tame", help="forget a person, set attribute shares, include subgroups (writes a new model)")
     tsub = p.add_subparsers(dest="tame_command", metavar="OPERATION")
@@ -34,7 +36,7 @@ def register(sub, *, common) -> None:
                         "race=uniform; repeat for several")
     r.add_argument("--labels", type=Path, required=True,
                    help="CSV with a row per training photo (file column + attribute columns), e.g. celeba's attributes.csv")
-    r.add_argument("--min-members", type=_positive_float, default=8.0,
+    r.add_argument("--min-members", type=_members, default=8.0,
                    help="fewest photos a split-off component may be fitted on (default 8)")
     r.add_argument("-o", "--output", type=Path, required=True)
     common(r)
@@ -47,7 +49,7 @@ def register(sub, *, common) -> None:
     i.add_argument("--labels", type=Path, required=True, help="CSV with a row per training photo")
     i.add_argument("--share", type=_positive_float, default=None,
                    help="minimum share of the output for each subgroup (default: twice its share of the photos, at least 0.05)")
-    i.add_argument("--min-members", type=_positive_float, default=8.0)
+    i.add_argument("--min-members", type=_members, default=8.0)
     i.add_argument("-o", "--output", type=Path, required=True)
     common(i)
     i.set_defaults(handler=cmd_include)
@@ -60,8 +62,16 @@ def _load(args):
 
 
 def _check_output(args):
-    if args.output.resolve() == args.model.resolve():
-        raise InputError(f"-o {str(args.output)!r} is the input model; write the tamed model to a new file")
+    """-o is not an input (model, label table, a photo of --photos), can be written, and every
+    input that must be a regular file is one; checked before any work."""
+    from .safety import Plan, check_parent_exists, regular_input
+
+    check_parent_exists("-o", args.output)
+    plan = Plan().input_file("model", args.model).input_file("--labels", getattr(args, "labels", None))
+    plan.input_folder("--photos", getattr(args, "photos", None))
+    plan.output_file("-o", args.output).check()
+    if getattr(args, "labels", None) is not None:
+        regular_input("--labels", args.labels, "label table")
 
 
 def _say(args, msg):

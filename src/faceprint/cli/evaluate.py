@@ -8,16 +8,18 @@ from pathlib import Path
 
 
 def register(sub, *, common) -> None:
-    from .main import _nonneg_int, _positive_int
+    from .main import _bounded_int, _seed
 
     p = sub.add_parser("evaluate", help="FID/KID/precision/recall/coverage/memorization of a model against real photos")
     p.add_argument("model", type=Path, help="model file written by `faceprint fit`")
     p.add_argument("--real", type=Path, required=True,
                    help="folder of real face photos to compare with (its training photos are left out)")
-    p.add_argument("-n", type=_positive_int, default=2000, help="faces to generate (default 2000; FID wants thousands)")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.add_argument("--real-limit", type=_positive_int, default=5000, help="use at most this many real photos (default 5000)")
-    p.add_argument("--batch", type=_positive_int, default=250, help="faces per chunk (default 250)")
+    p.add_argument("-n", type=_bounded_int(1, 1_000_000, "a number of faces"), default=2000,
+                   help="faces to generate (default 2000; FID wants thousands)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--real-limit", type=_bounded_int(1, 10_000_000, "a number of photos"), default=5000,
+                   help="use at most this many real photos (default 5000)")
+    p.add_argument("--batch", type=_bounded_int(1, 4096, "a batch size"), default=250, help="faces per chunk (default 250)")
     p.add_argument("--json", type=Path, default=None, help="also write every number as JSON to this file")
     common(p)
     p.set_defaults(handler=cmd_evaluate)
@@ -30,8 +32,15 @@ def cmd_evaluate(args) -> int:
     from ..latent.generator import Generator
     from ..metrics.evaluate import evaluate_generator
 
+    from .safety import Plan, check_parent_exists
+
     if not args.real.is_dir():
         raise InputError(f"--real {str(args.real)!r} is not a folder; pass a folder of face photos")
+    plan = Plan().input_file("model", args.model).input_folder("--real photo", args.real)
+    if args.json is not None:
+        check_parent_exists("--json", args.json)
+        plan.output_file("--json", args.json)
+    plan.check()
     if args.n < 2:
         raise InputError(f"-n must be at least 2 to compute FID, got {args.n}")
     gen = Generator.load(args.model, weights=args.weights)

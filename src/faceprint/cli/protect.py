@@ -11,7 +11,9 @@ from ..errors import InputError
 
 
 def register(sub, *, common) -> None:
-    from .main import _fraction, _nonneg_int, _positive_int
+    from .main import _bounded_int, _fraction, _number, _positive_int, _seed
+
+    fpr = _number(float, 0.0, True, "a false-positive rate in (0, 1)", highest=0.999999)
 
     def owner_options(p):
         p.add_argument("--owner", type=Path, default=None,
@@ -31,7 +33,7 @@ def register(sub, *, common) -> None:
     i.add_argument("-o", "--output", type=Path, required=True, help="instance model file to write")
     i.add_argument("--instance", default=None, help="instance name (default: the output file's name without suffix)")
     i.add_argument("--note", default=None, help="free text kept in the registry")
-    i.add_argument("--seed", type=_nonneg_int, default=None,
+    i.add_argument("--seed", type=_seed, default=None,
                    help="draw the code reproducibly from this seed (default: the system's randomness)")
     owner_options(i)
     common(i)
@@ -41,16 +43,16 @@ def register(sub, *, common) -> None:
     c.add_argument("model", type=Path, help="the unfingerprinted model the instances were issued from")
     c.add_argument("--negatives", type=Path, action="append", required=True, metavar="FOLDER",
                    help="folder of images that carry none of the codes (e.g. real photos); repeat for several")
-    c.add_argument("--faces", type=_nonneg_int, default=2000,
+    c.add_argument("--faces", type=_bounded_int(0, 10_000_000, "a number of faces"), default=2000,
                    help="also decode this many faces of MODEL itself (default 2000)")
-    c.add_argument("--instances", type=_nonneg_int, default=4,
+    c.add_argument("--instances", type=_bounded_int(0, 1000, "a number of instances"), default=4,
                    help="and faces of this many unregistered instances with random codes (default 4)")
-    c.add_argument("--faces-per-instance", type=_positive_int, default=250)
-    c.add_argument("--target-fpr", type=float, default=1e-3,
+    c.add_argument("--faces-per-instance", type=_bounded_int(1, 1_000_000, "a number of faces"), default=250)
+    c.add_argument("--target-fpr", type=fpr, default=1e-3,
                    help="largest false-positive rate accepted per verified image (default 1e-3)")
     c.add_argument("--min-negatives", type=_positive_int, default=10000,
                    help="refuse to calibrate on fewer negatives (default 10000; lower it only knowingly)")
-    c.add_argument("--seed", type=_nonneg_int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     owner_options(c)
     common(c)
     c.set_defaults(handler=cmd_calibrate)
@@ -86,43 +88,53 @@ def _owner(args):
 def cmd_issue(args) -> int:
     from ..autoencoder import TAEF2
     from ..fingerprint.owner import issue_instance
+    from ..fingerprint.registry import check_entry_fields
     from ..io import sha256_file
     from ..latent.generator import Generator
+    from .safety import Plan, check_parent_exists
 
-    if args.output.resolve() == args.model.resolve():
-        raise InputError(f"-o {str(args.output)!r} is the input model; write the instance to a new file")
-    if not args.output.parent.exists():
-        raise InputError(f"output folder {str(args.output.parent)!r} does not exist; create it first")
+    # every refusal comes before anything is written (no owner folder, key or registry)
     instance = args.instance or args.output.stem
+    check_entry_fields(args.to, instance, "0" * 64, "datalevel-bank", args.note)
+    check_parent_exists("-o", args.output)
+    owner = _owner(args)
+    Plan().input_file("model", args.model).input_file("owner key", owner.key_path) \
+        .input_file("registry", owner._local_registry()).input_file("calibration", owner.calibration) \
+        .output_file("-o", args.output).check()
     gen = Generator.load(args.model, autoencoder=TAEF2.load(args.weights))
     if getattr(gen, "fingerprint_", None):
         raise InputError(f"{str(args.model)!r} is already a fingerprinted instance "
                          f"({gen.fingerprint_.get('instance')!r}); issue instances from the unfingerprinted model")
-    owner = _owner(args)
-    entry, inst = issue_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed, note=args.note)
-    try:
-        inst.save(args.output)
-    except Exception:
-        print(f"faceprint: the code for instance {instance!r} is recorded in the registry but {str(args.output)!r} "
-              "was not written; issue again under another --instance name", file=sys.stderr)
-        raise
+    entry, inst = issue_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed, note=args.note,
+                                 output=args.output)
     _say(args, f"issued instance {instance!r} to {args.to!r} (code {entry.code[:8]}..., registry {owner.registry}); "
                f"wrote {args.output}")
     return 0
 
 
-def _image_files(paths):
-    from ..data.folder import FaceFolder
+def _image_files(paths, say=None):
+    """Image files of the arguments (folders searched like photo folders). Files a folder skips
+    (special files) are reported through ``say`` once every folder was read: a refusal stays
+    one line."""
+    import warnings
 
-    files = []
+    from ..data.folder import FaceFolder
+    from ..errors import SkippedImageWarning
+    from .safety import regular_input
+
+    files, skipped = [], []
     for p in paths:
         if p.is_dir():
-            ff = FaceFolder(p)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SkippedImageWarning)
+                ff = FaceFolder(p)
+            skipped += [str(w.message) for w in caught if issubclass(w.category, SkippedImageWarning)]
             files.extend(ff.root / r for r in ff.relpaths)
-        elif p.is_file():
-            files.append(p)
         else:
-            raise InputError(f"image {str(p)!r} does not exist")
+            files.append(regular_input("image", p, "image file"))
+    for m in skipped:
+        if say is not None:
+            say(m)
     return files
 
 
@@ -157,11 +169,17 @@ def cmd_calibrate(args) -> int:
     from ..latent.generator import Generator
     from ..seeding import generator as make_generator
 
+    from .safety import Plan
+
     owner = _owner(args)
+    plan = Plan().input_file("model", args.model).input_file("owner key", owner.key_path)
+    for n in args.negatives:
+        plan.input_folder("--negatives", n)
+    plan.output_file("calibration", owner.calibration).check()
     key = owner.load_key()
     ae = TAEF2.load(args.weights)
     gen = Generator.load(args.model, autoencoder=ae)
-    files = _image_files(args.negatives)
+    files = _image_files(args.negatives, say=lambda m: _say(args, m))
     _say(args, f"decoding {len(files)} negative photos")
     parts = {"photos": _decode_files(files, key, ae)}
 
@@ -200,7 +218,7 @@ def cmd_calibrate(args) -> int:
 def cmd_list(args) -> int:
     from dataclasses import asdict
 
-    with _owner(args).open_registry() as reg:
+    with _owner(args).open_registry(create=False) as reg:
         entries = reg.all()
     if args.json:
         print(json.dumps([asdict(e) for e in entries], indent=1))
@@ -220,11 +238,11 @@ def cmd_verify(args) -> int:
     owner = _owner(args)
     key = owner.load_key()
     cal = owner.load_calibration()
-    files = _image_files(args.images)
+    files = _image_files(args.images, say=lambda m: _say(args, m))
     ae = TAEF2.load(args.weights)
     sizes: list[int] = []
     decoded = _decode_files(files, key, ae, crop_search=args.crop_search, sizes=sizes)
-    with owner.open_registry() as reg:
+    with owner.open_registry(create=False) as reg:
         verdicts = verify(decoded, cal, registry=reg)
     full = key.shape_[-1] * 8
     for i, (f, v) in enumerate(zip(files, verdicts)):

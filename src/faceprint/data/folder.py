@@ -392,6 +392,22 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _not_regular(path: str) -> str | None:
+    """None for a regular file (or a symlink to one); else why it is not read."""
+    import stat
+
+    try:
+        st = os.stat(path)  # follows symlinks; never blocks, even on a FIFO
+    except OSError as e:
+        return f"cannot read file ({e.strerror or e})" + (" (dangling symlink)" if os.path.islink(path) else "")
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+            else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+    return f"special file: {kind}, not a photo (never opened, reading it could block or never end)"
+
+
 class FaceFolder:
     """A folder of face photos, found recursively and sorted by relative path.
 
@@ -454,8 +470,9 @@ class FaceFolder:
         self.root = given.resolve()
         relpaths, n_other = self._discover()
         if not relpaths:
+            special = f", of which {len(self.special)} special files skipped" if self.special else ""
             raise DataError(
-                f"photo folder {str(self.root)!r} holds no image files ({n_other} other files seen; looked "
+                f"photo folder {str(self.root)!r} holds no image files ({n_other} other files seen{special}; looked "
                 f"recursively for {' '.join(sorted(IMAGE_EXTENSIONS))}, ignoring hidden files and folders); "
                 "point to the folder that contains the photos"
             )
@@ -474,7 +491,12 @@ class FaceFolder:
             self.label_table = table
 
     def _discover(self) -> tuple[list[str], int]:
+        """Image files under the root, sorted. Special files with an image extension (FIFOs,
+        devices, sockets, also behind a symlink) and dangling symlinks are never opened (a
+        FIFO would block the read forever, /dev/zero never ends): they are listed in
+        :attr:`special` with the reason and reported as skipped (an error if ``strict``)."""
         found: list[str] = []
+        special: list[tuple[str, str]] = []
         n_other = 0
 
         def fail(err: OSError):
@@ -491,11 +513,21 @@ class FaceFolder:
                     continue
                 if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                     rel = (rel_dir / name).as_posix() if str(rel_dir) != "." else name
-                    found.append(rel)
+                    reason = _not_regular(os.path.join(dirpath, name))
+                    if reason is None:
+                        found.append(rel)
+                    else:
+                        special.append((rel, reason))
                 else:
                     n_other += 1
         found.sort()
-        return found, n_other
+        special.sort()
+        self.special = special
+        for rel, reason in special:
+            if self.strict:
+                raise BadImageError(self.root / rel, reason)
+            warnings.warn(SkippedImageWarning(f"skipped photo {rel!r} in {str(self.root)!r}: {reason}"), stacklevel=3)
+        return found, n_other + len(special)
 
     # ----------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -91,16 +91,34 @@ class Owner:
         except OSError as e:
             raise InputError(f"owner folder {str(self.folder)!r} cannot be created ({e}); pass --owner DIR") from None
 
-    def open_registry(self):
+    def _local_registry(self) -> Path | None:
+        """The SQLite file of the registry when it is a path (not a URL), else None."""
+        if isinstance(self.registry, Path) or "://" not in str(self.registry):
+            return Path(self.registry).expanduser()
+        return None
+
+    def registry_in_folder(self) -> bool:
+        p = self._local_registry()
+        return p is not None and os.path.abspath(p.parent) == os.path.abspath(self.folder)
+
+    def open_registry(self, *, create: bool = True):
+        """The Registry. ``create=False`` (reading commands: list, verify) never creates the
+        owner folder or the SQLite file: a missing one is an error."""
         from .registry import Registry
 
-        if isinstance(self.registry, Path) or "://" not in str(self.registry):
-            path = Path(self.registry)
+        path = self._local_registry()
+        if path is not None:
             if not path.parent.exists():
-                if path.parent == self.folder:
+                if self.registry_in_folder() and create:
                     self._ensure_folder()
+                elif self.registry_in_folder():
+                    raise InputError(f"no registry at {str(path)!r}: the owner folder {str(self.folder)!r} does not exist; "
+                                     "issue an instance first or pass the --owner folder that holds registry.sqlite")
                 else:
                     raise InputError(f"registry folder {str(path.parent)!r} does not exist; create it or pass another --registry")
+            elif not create and not path.exists():
+                raise InputError(f"no registry at {str(path)!r}: issue an instance first, or pass the --owner folder or "
+                                 "--registry that holds it")
         return Registry(self.registry)
 
     def load_key(self) -> BankFingerprinter:
@@ -109,10 +127,9 @@ class Owner:
                              "(`faceprint fingerprint issue`), or pass the --owner folder that holds key.safetensors")
         return BankFingerprinter.load(self.key_path)
 
-    def key_for(self, gen, *, key_seed: int | None = None) -> BankFingerprinter:
-        """The owner's key, made from ``gen``'s memory on first use (a random secret key seed
-        unless ``key_seed`` is given, for reproducible experiments). An existing key is reused;
-        asking for a ``key_seed`` it was not made with is an error, not a silent substitution."""
+    def prepare_key(self, gen, *, key_seed: int | None = None) -> tuple[BankFingerprinter, bool]:
+        """(the owner's key, whether it is new). A new key is made from ``gen``'s memory but
+        not saved: nothing is written (see :meth:`key_for`)."""
         if self.key_path.is_file():
             key = BankFingerprinter.load(self.key_path)
             shape = tuple(gen.bank_.shape[1:])
@@ -123,11 +140,21 @@ class Owner:
                 raise ConfigError(f"the owner key {str(self.key_path)!r} was made with another key seed than the "
                                   f"{key_seed} asked for: drop the key seed to use the existing key, or pass another "
                                   "--owner folder for a new one")
-            return key
+            return key, False
+        if self.key_path.exists() or self.key_path.is_symlink():
+            raise InputError(f"owner key path {str(self.key_path)!r} exists but is not a regular file; move it away")
         seed = secrets.randbits(62) if key_seed is None else key_seed
         key = BankFingerprinter(BankFingerprintConfig(key_seed=seed)).fit(gen.bank_.float(), gen.autoencoder)
-        self._ensure_folder()
-        key.save(self.key_path)
+        return key, True
+
+    def key_for(self, gen, *, key_seed: int | None = None) -> BankFingerprinter:
+        """The owner's key, made from ``gen``'s memory on first use (a random secret key seed
+        unless ``key_seed`` is given, for reproducible experiments). An existing key is reused;
+        asking for a ``key_seed`` it was not made with is an error, not a silent substitution."""
+        key, new = self.prepare_key(gen, key_seed=key_seed)
+        if new:
+            self._ensure_folder()
+            key.save(self.key_path)
         return key
 
     def load_calibration(self):
@@ -140,19 +167,80 @@ class Owner:
 
 
 def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance: str, *,
-                   seed: int | None = None, key_seed: int | None = None, note: str | None = None):
+                   seed: int | None = None, key_seed: int | None = None, note: str | None = None,
+                   output=None):
     """Draw a new code in the owner's registry and return (entry, fingerprinted copy of ``gen``).
 
-    ``seed`` draws the code reproducibly (default: from the operating system's randomness)."""
-    key = owner.key_for(gen, key_seed=key_seed)
-    with owner.open_registry() as reg:
-        entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=secrets.randbits(62) if seed is None else seed,
-                          note=note)
-    inst = fingerprint_bank_instance(gen, key, entry.bits, {"instance": instance, "recipient": recipient,
-                                                            "issued_at": entry.issued_at})
-    inst.record_operation({"operation": "fingerprint", "mechanism": MECHANISM, "instance": instance,
-                           "recipient": recipient, "base_model_sha256": model_hash})
-    return entry, inst
+    ``seed`` draws the code reproducibly (default: from the operating system's randomness).
+    With ``output`` (a path) the instance is also written there, inside the registry's write
+    transaction: the code is recorded only if the file was written completely.
+
+    A refusal (a bad field or seed, an instance name already issued, an unreachable registry,
+    a missing registry folder, an output that cannot be written) leaves nothing behind: no
+    owner folder, key, registry file or output is created by a call that fails."""
+    import contextlib
+
+    from ..io import atomic_path
+    from ..seeding import check_seed
+    from .registry import check_entry_fields
+
+    check_entry_fields(recipient, instance, model_hash, MECHANISM, note)
+    if seed is not None:
+        check_seed(seed)
+    folder_existed = owner.folder.exists()
+    local = owner._local_registry()
+    registry_existed = local is None or local.exists()
+    key_saved = committed = False
+    box = {}
+    key = None
+
+    def build(entry, path=None):
+        inst = fingerprint_bank_instance(gen, key, entry.bits, {"instance": instance, "recipient": recipient,
+                                                                "issued_at": entry.issued_at})
+        inst.record_operation({"operation": "fingerprint", "mechanism": MECHANISM, "instance": instance,
+                               "recipient": recipient, "base_model_sha256": model_hash})
+        if path is not None:
+            inst.save(path)
+        box["inst"] = inst
+
+    try:
+        with owner.open_registry() as reg:  # an external registry is reached before anything is created
+            if reg.instance_taken(instance):
+                raise InputError(f"instance {instance!r} already has a code in registry {reg.url!r}; "
+                                 "choose a new instance name (one code per model instance)")
+            key, new_key = owner.prepare_key(gen, key_seed=key_seed)  # writes nothing
+            if new_key:
+                owner._ensure_folder()
+                key.save(owner.key_path)
+                key_saved = True
+            code_seed = secrets.randbits(62) if seed is None else seed
+            if output is None:
+                entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=code_seed, note=note,
+                                  before_commit=build)
+                committed = True
+            else:
+                with atomic_path(output) as tmp:
+                    entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=code_seed, note=note,
+                                      before_commit=lambda e: build(e, tmp))
+                    committed = True
+    except BaseException as e:
+        if committed:  # the rename after the commit failed: say what is where
+            from ..errors import OutputError
+
+            raise OutputError(f"the code for instance {instance!r} is recorded in the registry but {str(output)!r} "
+                              f"was not written ({e}); issue again under another --instance name") from None
+        if key_saved:
+            with contextlib.suppress(OSError):
+                owner.key_path.unlink()
+        if not registry_existed and local is not None and local.exists():
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    Path(str(local) + suffix).unlink()
+        if not folder_existed:
+            with contextlib.suppress(OSError):
+                owner.folder.rmdir()
+        raise
+    return entry, box["inst"]
 
 
 @torch.no_grad()

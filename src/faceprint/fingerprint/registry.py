@@ -30,6 +30,7 @@ unique constraints are the last line of defence (a violation rolls back and retr
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,12 +207,15 @@ class RegistryConfig:
     :data:`DEFAULT_MIN_DISTANCE` for the choice of 32).  max_draws: random draws tried by
     :meth:`Registry.issue` before it gives up.  busy_timeout: seconds a SQLite writer waits for
     another writer.  max_retries: transactions retried after a unique-constraint race.
+    connect_timeout: seconds a connection to a database server may take (an unreachable host
+    is then an error, never a hang).
     """
 
     min_distance: int = DEFAULT_MIN_DISTANCE
     max_draws: int = 1000
     busy_timeout: float = 30.0
     max_retries: int = 5
+    connect_timeout: float = 10.0
 
     def __post_init__(self):
         _check_min_distance(self.min_distance, "min_distance")
@@ -221,6 +225,9 @@ class RegistryConfig:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}; try {example}")
         if isinstance(self.busy_timeout, bool) or not isinstance(self.busy_timeout, (int, float)) or not self.busy_timeout > 0:
             raise ConfigError(f"busy_timeout must be a positive number of seconds, got {self.busy_timeout!r}; try 30")
+        t = self.connect_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6:
+            raise ConfigError(f"connect_timeout must be a positive number of seconds, got {t!r}; try 10")
 
 
 def _check_min_distance(value, name: str) -> int:
@@ -249,6 +256,16 @@ def _check_model_hash(value) -> str:
             "compute it with faceprint.io.sha256_file(path)"
         )
     return value
+
+
+def check_entry_fields(recipient, instance, model_hash, mechanism, note=None) -> None:
+    """Validate the fields of an entry before anything is written (InputError naming the bad one)."""
+    _check_name(recipient, "recipient")
+    _check_name(instance, "instance")
+    _check_model_hash(model_hash)
+    _check_name(mechanism, "mechanism", _MECHANISM_MAX)
+    if note is not None and not isinstance(note, str):
+        raise InputError(f"note must be a str or None, got {type(note).__name__}")
 
 
 def _resolve_generator(generator, seed) -> torch.Generator:
@@ -367,9 +384,12 @@ class Registry:
             return url_or_path
         if isinstance(url_or_path, str) and "://" in url_or_path:
             try:
-                return make_url(url_or_path)
-            except ArgumentError as e:
+                url = make_url(url_or_path)
+            except (ArgumentError, ValueError) as e:
                 raise InputError(f"registry URL {url_or_path!r} is not a database URL ({e}); e.g. sqlite:///registry.db") from None
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+                Registry._check_sqlite_file(Path(url.database))
+            return url
         if not isinstance(url_or_path, (str, Path)) or not str(url_or_path):
             raise InputError(
                 f"url_or_path must be a SQLite file path or a database URL, got {type(url_or_path).__name__} {url_or_path!r}"
@@ -377,9 +397,27 @@ class Registry:
         path = Path(url_or_path).expanduser()
         if path.is_dir():
             raise InputError(f"registry path {str(path)!r} is a folder; pass a file name such as {str(path / 'registry.db')!r}")
+        Registry._check_sqlite_file(path)
+        return URL.create("sqlite", database=str(path.resolve()))
+
+    @staticmethod
+    def _check_sqlite_file(path: Path) -> None:
+        """The SQLite file's folder exists and the file, if present, is a regular file (SQLite
+        would block on a FIFO)."""
+        import os
+        import stat
+
         if not path.parent.is_dir():
             raise InputError(f"registry folder {str(path.parent)!r} does not exist; create it first or choose another path")
-        return URL.create("sqlite", database=str(path.resolve()))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise InputError(f"registry file {str(path)!r} cannot be read ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"registry file {str(path)!r} is not a regular file (a folder, FIFO, device or socket); "
+                             "pass a SQLite file or a database URL")
 
     def _make_engine(self, sa, url):
         from sqlalchemy import event
@@ -407,8 +445,9 @@ class Registry:
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             return engine
+        timeout = max(1, int(math.ceil(self.config.connect_timeout)))
         try:
-            return sa.create_engine(url, pool_pre_ping=True)
+            return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": timeout})
         except ImportError as e:
             raise InputError(
                 f"cannot open registry {self.url!r}: the database driver is missing ({e}); use a URL starting "
@@ -558,13 +597,14 @@ class Registry:
         )
         return entry
 
-    def _check_fields(self, recipient, instance, model_hash, mechanism, note):
-        _check_name(recipient, "recipient")
+    def instance_taken(self, instance: str) -> bool:
+        """Whether ``instance`` already has a code (a read, no write)."""
         _check_name(instance, "instance")
-        _check_model_hash(model_hash)
-        _check_name(mechanism, "mechanism", _MECHANISM_MAX)
-        if note is not None and not isinstance(note, str):
-            raise InputError(f"note must be a str or None, got {type(note).__name__}")
+        with self._engine.connect() as conn:
+            return bool(self._rows(conn, self._codes.c.instance == instance))
+
+    def _check_fields(self, recipient, instance, model_hash, mechanism, note):
+        check_entry_fields(recipient, instance, model_hash, mechanism, note)
 
     def _instance_taken(self, conn, instance: str) -> None:
         if self._rows(conn, self._codes.c.instance == instance):
@@ -607,6 +647,7 @@ class Registry:
         seed: int | None = None,
         note: str | None = None,
         min_distance: int | None = None,
+        before_commit=None,
     ) -> Entry:
         """Draw a fresh random code for a new model instance and record it.
 
@@ -621,6 +662,9 @@ class Registry:
         min_distance : int, optional
             Draws at Hamming distance < min_distance from any issued code are rejected and
             redrawn (default ``config.min_distance``, 32). An exact repeat is always rejected.
+        before_commit : callable, optional
+            Called with the new Entry inside the write transaction, before it commits (e.g. to
+            write the instance file): if it raises, nothing is recorded.
 
         Returns
         -------
@@ -644,7 +688,10 @@ class Registry:
             for _ in range(self.config.max_draws):
                 code = random_code(generator=gen)
                 if not entries or int(hamming_distances(code, issued).min()) >= md:
-                    return self._insert(conn, code_to_hex(code), recipient, instance, model_hash, mechanism, note)
+                    entry = self._insert(conn, code_to_hex(code), recipient, instance, model_hash, mechanism, note)
+                    if before_commit is not None:
+                        before_commit(entry)
+                    return entry
             raise ConfigError(
                 f"{self.config.max_draws} random codes all fell within Hamming distance {md} of the "
                 f"{len(entries)} issued codes; lower min_distance (default {DEFAULT_MIN_DISTANCE})"
