@@ -149,6 +149,26 @@ def fused_kernels_available() -> bool:
     return _FUSED_OK
 
 
+_BF16_RUNS = None
+
+
+def bf16_runs() -> bool:
+    """Whether this CPU can run bfloat16 convolutions at all (oneDNN needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT; without them it refuses bf16 convolutions). Probed once per process."""
+    global _BF16_RUNS
+    if _BF16_RUNS is None:
+        try:
+            x = torch.zeros(1, 8, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            w = torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            torch.nn.functional.conv2d(x, w, padding=1)
+            if fused_kernels_available():  # the fused oneDNN kernel is what the plans run
+                torch.ops.mkldnn._convolution_pointwise(x, w, torch.zeros(8), [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+            _BF16_RUNS = True
+        except (RuntimeError, AttributeError):
+            _BF16_RUNS = False
+    return _BF16_RUNS
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16), so bf16 is fast here."""
     cpu = getattr(torch, "cpu", None)

@@ -472,6 +472,12 @@ class InceptionFeatures:
         self.model_file = model_file
         self.fused = self.config.fused and _fused_ok()
         p = self.config.precision
+        if p != "fp32":
+            from ..autoencoder.taef2 import bf16_runs
+
+            if not bf16_runs():
+                raise ConfigError(f"Inception precision {p!r} needs bfloat16 convolutions, which this CPU cannot run "
+                                  "(no AVX512-BW/VL/DQ or AVX-NE-CONVERT); use precision 'fp32' or 'auto'")
         dtype = torch.float32 if p == "fp32" else torch.bfloat16
         fmt = torch.channels_last if self.config.memory_format == "channels_last" else torch.contiguous_format
         mixed = p == "mixed"
