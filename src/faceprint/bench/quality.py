@@ -79,6 +79,8 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse the methods an interrupted run with the same settings finished (OUT/partial/)")
     p.add_argument("--reference-n", type=int, default=None, help="use only the first N reference photos (smoke runs)")
+    p.add_argument("--held-n", type=int, default=None,
+                   help="use only the first N held-out photos for the memorization columns (default: up to -n)")
     p.add_argument("--batch", type=int, default=250, help="faces generated/decoded/featurised per chunk")
     p.add_argument("--carry-over", type=Path, default=None,
                    help="an earlier quality JSON whose rows named by --carry are reused, not recomputed (for rows "
@@ -119,6 +121,7 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     info = describe({"protocol": proto.name, "seed": args.seed, "generated per method": args.n,
+                     "held-out photos (memorization)": args.held_n or "up to -n",
                      "train photos": proto.train, "reference photos": f"{REF_FIRST:06d}-{REF_LAST:06d}"})
 
     ae = TAEF2.load()
@@ -134,7 +137,7 @@ def run(args) -> int:
     pos = {n: i for i, n in enumerate(names)}
     train_idx = [pos[i] for i in range(1, proto.train + 1) if i in pos]
     ref_idx = [pos[i] for i in range(REF_FIRST, REF_LAST + 1) if i in pos][: args.reference_n]
-    held_idx = [pos[i] for i in range(proto.train + 1, REF_FIRST) if i in pos][: args.n]
+    held_idx = [pos[i] for i in range(proto.train + 1, REF_FIRST) if i in pos][: min(args.n, args.held_n or args.n)]
     held_is_ref = not held_idx
     if held_is_ref:
         held_idx = ref_idx
@@ -189,7 +192,7 @@ def run(args) -> int:
 
     partial = args.out / "partial"
     run_key = {"protocol": proto.name, "seed": args.seed, "n": args.n, "reference_n": len(ref_idx), "batch": args.batch,
-               "faceprint": info.get("faceprint")}
+               "faceprint": info.get("faceprint"), "held_n": len(held_idx)}
     carried = json.loads(args.carry_over.read_text()) if args.carry_over else None
     carry = {m for m in args.carry.split(",") if m}
     for method in methods:
