@@ -104,7 +104,15 @@ class NNRefiner:
         self.labels_ = labels
         self._members = {int(k): torch.nonzero(labels == k).squeeze(1) for k in torch.unique(labels)}
         self._sq = {}
+        self._pix = None
         return self
+
+    def _pixels(self) -> torch.Tensor:
+        """The bank as (N, h*w, C) float32, made once: the seam rule reads whole pixel vectors."""
+        if self._pix is None:
+            N, C, h, w = self.bank_.shape
+            self._pix = self.bank_.float().permute(0, 2, 3, 1).reshape(N, h * w, C).contiguous()
+        return self._pix
 
     def members(self, component: int) -> torch.Tensor:
         self._check_fitted()
@@ -182,32 +190,30 @@ class NNRefiner:
             ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
             nb_idx.append((yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)))
             nb_ok.append(ok)
-        flat = bank.reshape(bank.shape[0], C, hw)  # (N, C, hw)
-
-        def feat(photos, pos):  # photos (B, hw, ...) global indices, pos (hw,) positions -> (..., C)
-            shape = photos.shape
-            p = pos.view(1, hw, *([1] * (photos.ndim - 2))).expand(shape)
-            return flat[photos.reshape(-1), :, p.reshape(-1)].reshape(*shape, C).float()
-
+        pix = self._pixels()  # (N, hw, C): one photo's feature at one position is contiguous
+        arange = torch.arange(hw)
         # candidates' own features at p and at each neighbour p' (fixed through the sweeps)
-        own = feat(cand, torch.arange(hw))  # (B, hw, k, C)
-        at_nb = [feat(cand, nb_idx[d]) for d in range(4)]  # each (B, hw, k, C)
-        # scale: the unary is a mean over the omega^2 window of per-pixel squared distances
+        own = pix[cand, arange.view(1, hw, 1)]  # (B, hw, k, C)
+        at_nb = [pix[cand, nb_idx[d].view(1, hw, 1)] for d in range(4)]  # each (B, hw, k, C)
         label = torch.zeros(B, hw, dtype=torch.int64)  # candidate slot; 0 = the paper's choice
         checker = ((ys + xs) % 2).bool()
+        halves = []
+        for colour in (False, True):  # the pixels of one colour have no neighbour of their colour
+            pos = torch.nonzero(checker == colour).squeeze(1)
+            halves.append((pos, unary[:, pos], own[:, pos], [a[:, pos] for a in at_nb],
+                           [nb_idx[d][pos] for d in range(4)], [nb_ok[d][pos].view(1, -1, 1) for d in range(4)]))
         for _ in range(self.config.sweeps):
-            for colour in (False, True):
+            for pos, un, own_c, at_nb_c, nb_c, ok_c in halves:
                 L = cand.gather(2, label[..., None])[..., 0]  # (B, hw) global photo per position
-                cost = unary.clone()
+                Z = pix[L, arange.view(1, hw)]  # (B, hw, C) the current collage
+                cost = un.clone()
                 for d in range(4):
-                    nbp = L[:, nb_idx[d]]  # (B, hw) the neighbour's photo
-                    nb_at_p = feat(nbp, torch.arange(hw))[:, :, None]  # y_b(p) (B, hw, 1, C)
-                    nb_at_nb = feat(nbp, nb_idx[d])[:, :, None]  # y_b(p') (B, hw, 1, C)
-                    s_ = ((own - nb_at_p) ** 2).sum(-1) + ((at_nb[d] - nb_at_nb) ** 2).sum(-1)
-                    cost += beta * s_ * nb_ok[d].view(1, hw, 1)
-                best = cost.argmin(2)
-                upd = checker == colour
-                label[:, upd] = best[:, upd]
+                    nbp = L[:, nb_c[d]]  # (B, P) the neighbour's photo
+                    nb_at_p = pix[nbp, pos.view(1, -1)][:, :, None]  # y_b(p) (B, P, 1, C)
+                    nb_at_nb = Z[:, nb_c[d]][:, :, None]  # y_b(p') (B, P, 1, C)
+                    s_ = ((own_c - nb_at_p) ** 2).sum(-1) + ((at_nb_c[d] - nb_at_nb) ** 2).sum(-1)
+                    cost += beta * s_ * ok_c[d]
+                label[:, pos] = cost.argmin(2)
         return cand.gather(2, label[..., None])[..., 0]
 
     def _member_bank(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
