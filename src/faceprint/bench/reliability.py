@@ -1442,7 +1442,9 @@ def run(args) -> int:
     if args.json:
         from ..io import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(doc, indent=1, default=str) + "\n")
+        # result files name no machine paths: the scratch folder is written as WORK
+        text = json.dumps(doc, indent=1, default=str).replace(str(work), "WORK")
+        atomic_write_text(args.json, text + "\n")
     if args.md:
         from ..io import atomic_write_text
 
