@@ -38,7 +38,7 @@ def test_the_guard_redraws_copies_and_keeps_faces_reproducible():
     shares = [gen.provenance_summary(off.provenance[i:i + 1])[0]["max_share"] for i in copies.tolist()]
     assert min(shares) == 1.0
 
-    on = gen.sample_latents(300, seed=3)
+    on = gen.sample_latents(300, seed=3, guard=CopyGuard())
     assert on.guard["max_share"] == 0.5 and on.guard["threshold"] > 0
     # exactly the copies were redrawn; the other faces are untouched
     redrawn = torch.nonzero(on.redraws > 0).squeeze(1)
@@ -51,7 +51,7 @@ def test_the_guard_redraws_copies_and_keeps_faces_reproducible():
     assert not gen._copies(on.latents, on.provenance, on.guard["threshold"], CopyGuard()).any()
     # a redrawn face is the same image alone or in the batch
     for i in redrawn.tolist()[:3]:
-        alone = gen.sample_latents(1, seed=3, start=i)
+        alone = gen.sample_latents(1, seed=3, start=i, guard=CopyGuard())
         assert torch.equal(alone.latents[0], on.latents[i])
         assert int(alone.redraws[0]) == int(on.redraws[i])
 
@@ -96,6 +96,13 @@ def test_distance_rule_ignores_copied_pixels_but_catches_a_lookalike():
     lookalike = collage.clone()
     lookalike[:, :, :, 3:] = bank[0:1, :, :, 3:] + 0.01
     assert gen._copies(lookalike, prov, thr, CopyGuard())
+
+
+def test_generate_guards_by_default_and_the_raw_sampler_does_not():
+    import inspect
+
+    assert inspect.signature(Generator.generate).parameters["guard"].default == CopyGuard()
+    assert inspect.signature(Generator.sample_latents).parameters["guard"].default is None
 
 
 def test_guard_settings_are_checked():

@@ -209,8 +209,10 @@ def run(args) -> int:
                 z = lat_all[held_idx[:10]].float()
             else:
                 g_method, g_over, g_guard = GENERATOR_ROWS[method]
+                from ..latent.generator import DEFAULT_GUARD
+
                 z = _variant(gen, g_over).sample_latents(10, seed=args.seed, method=g_method,
-                                                         **({} if g_guard else {"guard": None})).latents
+                                                         guard=DEFAULT_GUARD if g_guard else None).latents
             sheet.append(render.to_uint8(ae.decode(z)))
             print(f"  {method}: FID {row['fid']:.2f} (carried over from {args.carry_over.name})", flush=True)
             continue
@@ -234,8 +236,10 @@ def run(args) -> int:
             else:
                 g_method, g_over, g_guard = GENERATOR_ROWS[method]
                 g = _variant(gen, g_over)
-                kw = {} if g_guard else {"guard": None}
-                smp = g.sample_latents(m, seed=args.seed, start=s, method=g_method, **kw)
+                from ..latent.generator import DEFAULT_GUARD
+
+                smp = g.sample_latents(m, seed=args.seed, start=s, method=g_method,
+                                       guard=DEFAULT_GUARD if g_guard else None)
                 z = smp.latents
                 prov = smp.provenance if g_method in ("nn", "lrgmm-nn") else None
                 if smp.redraws is not None:

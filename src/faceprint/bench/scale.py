@@ -115,8 +115,10 @@ def _one(spec: str, args) -> dict:
     ll_held = loglik(held) if N < HELD_FIRST else None
     B = 250
     times = {}
-    for label, guard in (("guard off", None), ("guard on", "default")):
-        kw = {} if guard else {"guard": None}
+    from ..latent.generator import DEFAULT_GUARD
+
+    for label, guard in (("guard off", None), ("guard on", DEFAULT_GUARD)):
+        kw = {"guard": guard}
         gen.sample_latents(B, seed=args.seed, start=10**6, **kw)  # warm-up (caches)
         t = time.perf_counter()
         done = 0

@@ -283,12 +283,13 @@ class Generator:
     # ------------------------------------------------------------------ sampling
     def sample_latents(self, n: int, *, seed: int, start: int = 0, method: str | None = None,
                        rank_temperature: float | None = None, component: int | None = None,
-                       chunk: int = 1024, guard: "CopyGuard | None" = DEFAULT_GUARD) -> Samples:
+                       chunk: int = 1024, guard: "CopyGuard | None" = None) -> Samples:
         """Draw n latents for image indices start..start+n-1 of the run seeded by ``seed``.
 
         Image i depends only on (seed, i, the model, the method and the guard), not on n or
-        start. ``guard`` (default on) redraws every face that is a near-copy of a training photo
-        (see :class:`CopyGuard`); ``guard=None`` turns it off."""
+        start. ``guard`` (a CopyGuard) redraws every face that is a near-copy of a training
+        photo; this raw sampler has none by default, :meth:`generate` (what the CLI and the web
+        app ship) has DEFAULT_GUARD."""
         self._check_fitted()
         check_seed(seed)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
