@@ -43,6 +43,8 @@ __all__ = [
     "validate_header",
 ]
 
+_ABSENT = object()  # a metadata value that is missing, or None where None is allowed
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 #: Largest rank temperature (lambda) accepted in a model file: d_k = floor(lambda pi_k d0) is
@@ -70,25 +72,26 @@ class Check:
         )
 
     # -- metadata ------------------------------------------------------------------------
-    def dict_(self, meta: dict, key: str, *, required: bool = True, none_ok: bool = False) -> dict | None:
-        if key not in meta:
+    def _value(self, d: dict, key: str, label: str, required: bool, none_ok: bool):
+        """d[key], or _ABSENT when it is missing (refused if required) or None where allowed."""
+        if key not in d:
             if required:
-                self.fail(f"metadata {key!r}", "is missing")
-            return None
-        v = meta[key]
-        if v is None and none_ok:
+                self.fail(label, "is missing")
+            return _ABSENT
+        v = d[key]
+        return _ABSENT if v is None and none_ok else v
+
+    def dict_(self, meta: dict, key: str, *, required: bool = True, none_ok: bool = False) -> dict | None:
+        v = self._value(meta, key, f"metadata {key!r}", required, none_ok)
+        if v is _ABSENT:
             return None
         if not isinstance(v, dict):
             self.fail(f"metadata {key!r}", f"must be a JSON object, got {_kind(v)}")
         return v
 
     def int_(self, d: dict, key: str, where: str, *, lo=None, hi=None, required: bool = True, none_ok: bool = False):
-        if key not in d:
-            if required:
-                self.fail(f"{where}.{key}", "is missing")
-            return None
-        v = d[key]
-        if v is None and none_ok:
+        v = self._value(d, key, f"{where}.{key}", required, none_ok)
+        if v is _ABSENT:
             return None
         if isinstance(v, bool) or not isinstance(v, int):
             self.fail(f"{where}.{key}", f"must be an integer, got {_kind(v)} {_short(v)}")
@@ -98,11 +101,9 @@ class Check:
         return v
 
     def real(self, d: dict, key: str, where: str, *, lo=None, hi=None, lo_open=False, required: bool = True):
-        if key not in d:
-            if required:
-                self.fail(f"{where}.{key}", "is missing")
+        v = self._value(d, key, f"{where}.{key}", required, False)
+        if v is _ABSENT:
             return None
-        v = d[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(f"{where}.{key}", f"must be a number, got {_kind(v)} {_short(v)}")
         if not math.isfinite(v):
@@ -114,12 +115,8 @@ class Check:
         return v
 
     def str_(self, d: dict, key: str, where: str, *, choices=None, required: bool = True, none_ok: bool = False):
-        if key not in d:
-            if required:
-                self.fail(f"{where}.{key}", "is missing")
-            return None
-        v = d[key]
-        if v is None and none_ok:
+        v = self._value(d, key, f"{where}.{key}", required, none_ok)
+        if v is _ABSENT:
             return None
         if not isinstance(v, str):
             self.fail(f"{where}.{key}", f"must be a string, got {_kind(v)} {_short(v)}")
