@@ -125,21 +125,17 @@ class Check:
         return v
 
     def bool_(self, d: dict, key: str, where: str, *, required: bool = False):
-        if key not in d:
-            if required:
-                self.fail(f"{where}.{key}", "is missing")
+        v = self._value(d, key, f"{where}.{key}", required, False)
+        if v is _ABSENT:
             return None
-        v = d[key]
         if not isinstance(v, bool):
             self.fail(f"{where}.{key}", f"must be true or false, got {_kind(v)} {_short(v)}")
         return v
 
     def str_list(self, d: dict, key: str, where: str, *, required: bool = True):
-        if key not in d:
-            if required:
-                self.fail(f"{where}.{key}", "is missing")
+        v = self._value(d, key, f"{where}.{key}", required, False)
+        if v is _ABSENT:
             return None
-        v = d[key]
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
             self.fail(f"{where}.{key}", f"must be a list of strings, got {_kind(v)}")
         return v
