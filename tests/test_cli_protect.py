@@ -41,7 +41,8 @@ def owned(tmp_path_factory, celeba_dir):
     Owner(owner).key_for(Generator.load(m, autoencoder=TAEF2.load()), key_seed=12345)
     ow = ["--owner", str(owner)]
     for name, seed in (("alice", "1"), ("bob", "2")):
-        assert main(["fingerprint", "issue", str(m), "--to", name.title(), "-o", str(root / f"{name}.safetensors"),
+        assert main(["fingerprint", "issue", str(m), "--to", name.title(), "--mechanism", "datalevel-bank",
+                     "-o", str(root / f"{name}.safetensors"),
                      "--seed", seed, "-q", *ow]) == 0
         assert main(["generate", str(root / f"{name}.safetensors"), "-n", "6", "-o", str(root / name), "-q"]) == 0
     assert main(["generate", str(m), "-n", "4", "-o", str(root / "plain"), "--seed", "7", "-q"]) == 0
@@ -129,7 +130,7 @@ def test_registry_list_and_errors(owned, tmp_path, capsys):
                  str(tmp_path / "y.safetensors"), *ow])
     assert code == 2 and "already a fingerprinted instance" in capsys.readouterr()[1]
     # verification needs a calibration
-    code = main(["fingerprint", "issue", str(m), "--to", "D", "-o", str(tmp_path / "d.safetensors"),
+    code = main(["fingerprint", "issue", str(m), "--to", "D", "--mechanism", "datalevel-bank", "-o", str(tmp_path / "d.safetensors"),
                  "--owner", str(tmp_path / "fresh")])
     assert code == 0
     code = main(["verify", str(sorted((root / "alice").glob("face_*.png"))[0]), "--owner", str(tmp_path / "fresh")])

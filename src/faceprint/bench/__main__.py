@@ -16,6 +16,7 @@ BENCHES = {
     "taming": "forget / rebalance / coverage tables",
     "attribution": "owner fingerprint: attribution of 100 instances, false matches among >= 10,000 negatives, FID",
     "scale": "fit time, memory, model size, synthesis speed and log-likelihood from 32 to 28,000 photos",
+    "redteam": "the recipient as adversary: key recovery, removal, collusion and framing against the fingerprints",
     "reliability": "hostile and broken input: corpus of cases per command and kind, kill -9 trials, validation cost",
 }
 

@@ -27,8 +27,12 @@ def register(sub, *, common) -> None:
     fsub = p.add_subparsers(dest="fingerprint_command", metavar="OPERATION")
     fsub.required = True
 
-    i = fsub.add_parser("issue", help="write a copy of MODEL whose faces all carry a new 128-bit code, recorded in the registry")
+    i = fsub.add_parser("issue", help="write a copy of MODEL whose faces all carry a new fingerprint, recorded in the registry")
     i.add_argument("model", type=Path)
+    i.add_argument("--mechanism", choices=("keyed-bank", "datalevel-bank"), default="keyed-bank",
+                   help="keyed-bank (default): a secret of this instance's own, verified against the owner's copy of "
+                        "MODEL, safe against the recipient (see README, threat model); datalevel-bank: the earlier "
+                        "blind 128-bit code under one owner key, which a recipient can read, strip and forge")
     i.add_argument("--to", required=True, metavar="NAME", help="who receives this instance")
     i.add_argument("-o", "--output", type=Path, required=True, help="instance model file to write")
     i.add_argument("--instance", default=None, help="instance name (default: the output file's name without suffix)")
@@ -66,6 +70,8 @@ def register(sub, *, common) -> None:
                                       "and with what false-positive rate")
     v.add_argument("images", type=Path, nargs="+", help="image files (or folders of images)")
     v.add_argument("--json", action="store_true", help="one JSON object per image")
+    v.add_argument("--target-fpr", type=fpr, default=1e-3,
+                   help="keyed-bank: largest probability, per image, that any innocent recipient is accused (default 1e-3)")
     v.add_argument("--crop-search", type=_fraction, default=None, metavar="MIN_FRACTION",
                    help="also undo a centre crop keeping at least this fraction of the side, e.g. 0.75 "
                         "(one TAEF2 encode per candidate crop size: 33 at 0.75)")
@@ -95,10 +101,11 @@ def cmd_issue(args) -> int:
 
     # every refusal comes before anything is written (no owner folder, key or registry)
     instance = args.instance or args.output.stem
-    check_entry_fields(args.to, instance, "0" * 64, "datalevel-bank", args.note)
+    check_entry_fields(args.to, instance, "0" * 64, args.mechanism, args.note)
     check_parent_exists("-o", args.output)
     owner = _owner(args)
     Plan().input_file("model", args.model).input_file("owner key", owner.key_path) \
+        .input_file("owner secret", owner.secret_path) \
         .input_file("registry", owner._local_registry()).input_file("calibration", owner.calibration) \
         .output_file("-o", args.output).check()
     gen = Generator.load(args.model, autoencoder=TAEF2.load(args.weights))
@@ -106,7 +113,7 @@ def cmd_issue(args) -> int:
         raise InputError(f"{str(args.model)!r} is already a fingerprinted instance "
                          f"({gen.fingerprint_.get('instance')!r}); issue instances from the unfingerprinted model")
     entry, inst = issue_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed, note=args.note,
-                                 output=args.output)
+                                 output=args.output, mechanism=args.mechanism)
     _say(args, f"issued instance {instance!r} to {args.to!r} (code {entry.code[:8]}..., registry {owner.registry}); "
                f"wrote {args.output}")
     return 0
@@ -230,6 +237,50 @@ def cmd_list(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    with _owner(args).open_registry(create=False) as reg:
+        entries = reg.all()
+    if any(e.mechanism == "keyed-bank" for e in entries):
+        return _verify_keyed(args, entries)
+    return _verify_codes(args)
+
+
+def _verify_keyed(args, entries) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from ..autoencoder import TAEF2
+    from ..data.folder import load_image
+    from ..fingerprint.owner import verify_keyed
+
+    owner = _owner(args)
+    if args.crop_search is not None:
+        raise InputError("--crop-search reads the datalevel-bank code only; keyed-bank instances are verified "
+                         "on the full frame (drop --crop-search)")
+    files = _image_files(args.images, say=lambda m: _say(args, m))
+    ae = TAEF2.load(args.weights)
+    olds = [e for e in entries if e.mechanism != "keyed-bank"]
+    if olds:
+        _say(args, f"note: {len(olds)} datalevel-bank instance(s) in the registry are not checked when keyed-bank "
+                   "instances exist (verify them with a registry of their own)")
+    for s in range(0, len(files), 64):
+        chunk = files[s:s + 64]
+        x = torch.stack([load_image(f, 128) for f in chunk])
+        for f, v in zip(chunk, verify_keyed(x, owner, entries, ae, target_fpr=args.target_fpr)):
+            if args.json:
+                print(json.dumps({"image": str(f), **asdict(v)}), flush=True)
+            elif v.match:
+                print(f"{f}: MATCH instance {v.instance!r} (recipient {v.recipient!r}); score {v.score:.1f} "
+                      f"(a match needs {v.threshold:.2f}); an image this recipient did not make scores this high with "
+                      f"probability {v.p_value:.2g}; false accusation of anyone among {v.registry_size} recipients "
+                      f"<= {v.fpr_bound:.2g} per image", flush=True)
+            else:
+                print(f"{f}: not ours (best: instance {v.nearest_instance!r} with score {v.score:.1f}, a match needs "
+                      f"{v.threshold:.2f})", flush=True)
+    return 0
+
+
+def _verify_codes(args) -> int:
     from dataclasses import asdict
 
     from ..autoencoder import TAEF2

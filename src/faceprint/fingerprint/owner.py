@@ -1,21 +1,33 @@
-"""The model owner's side of fingerprinting: key, registry, calibration; issue and verify.
+"""The model owner's side of fingerprinting: secrets, base models, registry, calibration; issue and verify.
 
 A model owner fits one faceprint model and hands a separate copy (an *instance*) to each user.
-Every instance carries its own 128-bit code in the latent memory its refinement step copies
-from (the data-level mechanism of :mod:`faceprint.fingerprint.datalevel`, the default: it is
-the only one of the three mechanisms that is blind, survives fit -> generate exactly, and costs
-nothing at generation time; see ``python -m faceprint.bench fingerprint``). The owner keeps
-three things, by default together in one folder (:func:`default_owner_dir`):
+Every instance carries its own fingerprint in the latent memory its refinement step copies
+from. Two mechanisms (``issue --mechanism``):
 
-  key.safetensors          the secret embedding key (slot assignment, spreading vectors,
-                           dithers; file mode 0600). Made on the first ``issue`` from the
-                           model's memory and a random key seed. Without it nobody can read
-                           or forge a code, and neither can the owner: back it up.
+- ``keyed-bank`` (default; :mod:`faceprint.fingerprint.keyed`): a secret of each instance's
+  own (HMAC of the owner's master secret and the instance's registry code) expands into a
+  Gaussian pattern added to the bank; verification is non-blind against the owner's copy of the
+  unfingerprinted base model, and its false-accusation rate is exact (a standard normal tail).
+  It holds against the recipient (threat model in that module and the README).
+- ``datalevel-bank`` (:mod:`faceprint.fingerprint.datalevel`): one owner key shared by every
+  instance, a blind 128-bit code read back by lattice decoding. A recipient can recover that key
+  from their own instance (``python -m faceprint.bench redteam``), strip their code and forge
+  anyone's: keep it only where recipients are trusted and blind decoding is needed.
+
+The owner keeps, by default together in one folder (:func:`default_owner_dir`, mode 0700):
+
+  secret.safetensors       keyed-bank: the 256-bit master secret and the public carrier
+                           directions (file mode 0600). Made on the first keyed ``issue``.
+                           Without it nobody can verify: back it up.
+  bases/<sha256>.safetensors
+                           keyed-bank: the unfingerprinted model each instance was issued from
+                           (verification subtracts its clean bank).
+  key.safetensors          datalevel-bank: the shared embedding key (slot assignment, spreading
+                           vectors, dithers; 0600).
   registry.sqlite          the issued codes (faceprint.fingerprint.registry); PostgreSQL via a
                            URL instead, if several people issue.
-  calibration.safetensors  the measured distribution of matching bits of negatives (images
-                           that carry none of the codes), which sets the decision threshold and
-                           the false-positive rate a verdict reports.
+  calibration.safetensors  datalevel-bank: the measured distribution of matching bits of
+                           negatives, which sets the decision threshold.
 
 Calibration compares each negative with ``CALIBRATION_CODES`` random codes (not only the
 issued ones), so one calibration serves every registry of up to that many instances without
@@ -25,6 +37,7 @@ fewer codes is stochastically smaller.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Iterable
@@ -36,8 +49,15 @@ import torch
 from ..errors import ConfigError, InputError
 from ..seeding import generator as make_generator
 from .datalevel import MECHANISM, BankFingerprintConfig, BankFingerprinter, fingerprint_bank_instance
+from .keyed import KEYED_MECHANISM, OwnerSecret, fingerprint_keyed_instance
 
-__all__ = ["CALIBRATION_CODES", "Owner", "default_owner_dir", "issue_instance", "decode_images"]
+__all__ = ["CALIBRATION_CODES", "MECHANISMS", "Owner", "default_owner_dir", "issue_instance", "decode_images",
+           "verify_keyed"]
+
+#: what ``issue`` can embed; the first is the default
+MECHANISMS = (KEYED_MECHANISM, MECHANISM)
+SECRET_FILE = "secret.safetensors"
+BASES_DIR = "bases"
 
 CALIBRATION_CODES = 1024
 KEY_FILE = "key.safetensors"
@@ -157,6 +177,33 @@ class Owner:
             key.save(self.key_path)
         return key
 
+    @property
+    def secret_path(self) -> Path:
+        return self.folder / SECRET_FILE
+
+    def base_path(self, model_hash: str) -> Path:
+        """Where the owner keeps the unfingerprinted model a keyed instance was issued from (its
+        clean bank is what verification subtracts)."""
+        return self.folder / BASES_DIR / f"{model_hash}.safetensors"
+
+    def load_secret(self) -> OwnerSecret:
+        if not self.secret_path.is_file():
+            raise InputError(f"no owner secret at {str(self.secret_path)!r}: issue an instance first "
+                             "(`faceprint fingerprint issue`), or pass the --owner folder that holds secret.safetensors")
+        return OwnerSecret.load(self.secret_path)
+
+    def prepare_secret(self, gen) -> tuple[OwnerSecret, bool]:
+        """(the owner's master secret with its carrier directions, whether it is new); nothing is written."""
+        if self.secret_path.is_file():
+            sec = OwnerSecret.load(self.secret_path)
+            if tuple(sec.shape_) != tuple(gen.bank_.shape[1:]):
+                raise ConfigError(f"the owner secret {str(self.secret_path)!r} is for latents of shape {tuple(sec.shape_)}, "
+                                  f"this model's are {tuple(gen.bank_.shape[1:])} (another image size): use another --owner folder")
+            return sec, False
+        if self.secret_path.exists() or self.secret_path.is_symlink():
+            raise InputError(f"owner secret path {str(self.secret_path)!r} exists but is not a regular file; move it away")
+        return OwnerSecret().fit(gen.bank_.float(), gen.autoencoder), True
+
     def load_calibration(self):
         from .verification import Calibration
 
@@ -168,7 +215,7 @@ class Owner:
 
 def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance: str, *,
                    seed: int | None = None, key_seed: int | None = None, note: str | None = None,
-                   output=None):
+                   output=None, mechanism: str = KEYED_MECHANISM):
     """Draw a new code in the owner's registry and return (entry, fingerprinted copy of ``gen``).
 
     ``seed`` draws the code reproducibly (default: from the operating system's randomness).
@@ -184,7 +231,10 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
     from ..seeding import check_seed
     from .registry import check_entry_fields
 
-    check_entry_fields(recipient, instance, model_hash, MECHANISM, note)
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
+    keyed = mechanism == KEYED_MECHANISM
+    check_entry_fields(recipient, instance, model_hash, mechanism, note)
     if seed is not None:
         check_seed(seed)
     folder_existed = owner.folder.exists()
@@ -195,9 +245,12 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
     key = None
 
     def build(entry, path=None):
-        inst = fingerprint_bank_instance(gen, key, entry.bits, {"instance": instance, "recipient": recipient,
-                                                                "issued_at": entry.issued_at})
-        inst.record_operation({"operation": "fingerprint", "mechanism": MECHANISM, "instance": instance,
+        info = {"instance": instance, "recipient": recipient, "issued_at": entry.issued_at}
+        if keyed:
+            inst = fingerprint_keyed_instance(gen, key, entry.code, info)
+        else:
+            inst = fingerprint_bank_instance(gen, key, entry.bits, info)
+        inst.record_operation({"operation": "fingerprint", "mechanism": mechanism, "instance": instance,
                                "recipient": recipient, "base_model_sha256": model_hash})
         if path is not None:
             inst.save(path)
@@ -208,19 +261,28 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
             if reg.instance_taken(instance):
                 raise InputError(f"instance {instance!r} already has a code in registry {reg.url!r}; "
                                  "choose a new instance name (one code per model instance)")
-            key, new_key = owner.prepare_key(gen, key_seed=key_seed)  # writes nothing
+            if keyed:
+                key, new_key = owner.prepare_secret(gen)  # writes nothing
+                key_file = owner.secret_path
+            else:
+                key, new_key = owner.prepare_key(gen, key_seed=key_seed)  # writes nothing
+                key_file = owner.key_path
             if new_key:
                 owner._ensure_folder()
-                key.save(owner.key_path)
+                key.save(key_file)
                 key_saved = True
+            if keyed and not owner.base_path(model_hash).is_file():
+                owner._ensure_folder()
+                owner.base_path(model_hash).parent.mkdir(mode=0o700, exist_ok=True)
+                gen.save(owner.base_path(model_hash))  # atomic; verification needs the clean bank
             code_seed = secrets.randbits(62) if seed is None else seed
             if output is None:
-                entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=code_seed, note=note,
+                entry = reg.issue(recipient, instance, model_hash, mechanism, seed=code_seed, note=note,
                                   before_commit=build)
                 committed = True
             else:
                 with atomic_path(output) as tmp:
-                    entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=code_seed, note=note,
+                    entry = reg.issue(recipient, instance, model_hash, mechanism, seed=code_seed, note=note,
                                       before_commit=lambda e: build(e, tmp))
                     committed = True
     except BaseException as e:
@@ -231,7 +293,7 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
                               f"was not written ({e}); issue again under another --instance name") from None
         if key_saved:
             with contextlib.suppress(OSError):
-                owner.key_path.unlink()
+                key_file.unlink()
         if not registry_existed and local is not None and local.exists():
             for suffix in ("", "-journal", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
@@ -270,3 +332,69 @@ def calibrate(decoded_negatives: torch.Tensor, *, codes: int = CALIBRATION_CODES
     g = make_generator(seed, "fingerprint-calibration-codes")
     c = torch.stack([random_code(generator=g) for _ in range(codes)])
     return Calibration.from_negatives(decoded_negatives, c, config=config, description=description)
+
+
+@dataclass
+class KeyedVerdict:
+    """The outcome of verifying one image against the keyed instances of a registry."""
+
+    match: bool
+    instance: str | None  # the accused instance (None: not ours)
+    recipient: str | None
+    score: float  # the best instance's T (standard normal for an image it did not make)
+    nearest_instance: str | None
+    threshold: float
+    p_value: float  # P(N(0,1) >= score), one recipient
+    fpr_bound: float  # Sidak over the registry: P(any innocent recipient scores >= threshold)
+    registry_size: int
+    match_distance: float  # mean latent distance of the image's pixels to the base rows they matched
+
+
+@torch.no_grad()
+def verify_keyed(images: torch.Tensor, owner: Owner, entries, autoencoder, *, target_fpr: float = 1e-3,
+                 batch: int = 64) -> list[KeyedVerdict]:
+    """Verify images (N, 3, H, W) in [0, 1] against the keyed registry ``entries``.
+
+    The threshold is the score whose Sidak-corrected normal tail over the ``len(entries)``
+    recipients is ``target_fpr``: that is the probability, for any image, that some recipient
+    who did not make it is accused (exact given the keys' pseudo-randomness; measured by
+    ``python -m faceprint.bench redteam`` and ``calibrate``)."""
+    from ..latent.generator import Generator
+    from .keyed import BaseIndex, normal_tail, sidak, threshold_for
+
+    entries = [e for e in entries if e.mechanism == KEYED_MECHANISM]
+    if not entries:
+        raise InputError("the registry holds no keyed-bank instances; issue one first")
+    secret = owner.load_secret()
+    M = len(entries)
+    thr = threshold_for(target_fpr, M)
+    by_base: dict[str, list] = {}
+    for e in entries:
+        by_base.setdefault(e.model_hash, []).append(e)
+    n = images.shape[0]
+    best = torch.full((n,), -math.inf)
+    best_e: list = [None] * n
+    dist = torch.zeros(n)
+    for model_hash, group in by_base.items():
+        path = owner.base_path(model_hash)
+        if not path.is_file():
+            raise InputError(f"the base model {model_hash[:12]}... of {len(group)} issued instance(s) is missing from "
+                             f"{str(path.parent)!r}: restore the owner folder from its backup")
+        base = Generator.load(path, autoencoder=autoencoder)
+        res = BaseIndex(base.bank_, autoencoder, secret).residuals(images, batch=batch)
+        sc = res.scores(secret, [e.code for e in group])  # (n, k)
+        v, j = sc.max(1)
+        for i in range(n):
+            if float(v[i]) > float(best[i]):
+                best[i] = v[i]
+                best_e[i] = group[int(j[i])]
+                dist[i] = res.match_distance[i]
+    out = []
+    bound = sidak(normal_tail(thr), M)
+    for i in range(n):
+        t, e = float(best[i]), best_e[i]
+        ok = t >= thr
+        out.append(KeyedVerdict(match=ok, instance=e.instance if ok else None, recipient=e.recipient if ok else None,
+                                score=t, nearest_instance=e.instance, threshold=thr, p_value=normal_tail(t),
+                                fpr_bound=bound, registry_size=M, match_distance=float(dist[i])))
+    return out

@@ -1,0 +1,392 @@
+"""Keyed per-instance fingerprints that hold against the recipient (issue 20; papers/004, Ch. 6's
+setting: one model, many recipients, the recipient is the adversary).
+
+Threat model
+------------
+The recipient of an instance holds: the instance file (its latent bank, mixture, projector,
+guard statistics), faceprint's code (this module included), the public TAEF2, and any number of
+faces made with it; colluding recipients hold up to c instance files together. They do *not*
+hold the owner's folder (the master secret, the registry, the unfingerprinted base model) and
+not the training photos (with those they could fit their own model and would not need ours; a
+data-level mark cannot survive an attacker who has the unmarked data).
+
+What they may try, and what this mechanism answers (numbers in docs/results/redteam.md):
+
+- *Key recovery* from one instance. Each instance has its own secret, derived from the owner's
+  256-bit master secret by HMAC-SHA256 over the instance's registry code; the secret expands
+  (SHAKE-256) into an i.i.d. Gaussian pattern g_k(i, j, p) for every bank row i, carrier
+  direction j and latent pixel p. The mark is sigma * V g_k added to every bank pixel, where
+  the m carrier directions V (32 x m, public) are the directions of a latent pixel that best
+  survive a TAEF2 decode -> JPEG -> encode round trip. There is no lattice, no shared
+  structure between rows or pixels, and nothing in the bank's statistics that singles the
+  pattern out from the photos' own variation in those directions. The earlier mechanism's
+  failure (one owner key with one lattice per pixel, visible as the concentration of a bank's
+  projections) has no counterpart here.
+- *Removal* without the key: noise or smoothing in the carrier directions, or projecting the
+  bank on any subspace, must remove the mark's energy from 16 of the 32 most important
+  directions of every latent pixel, which costs the faces (see the table). Refitting a model on
+  the instance's faces copies marked pixels again. The instance's mixture is re-estimated on the
+  marked bank at issue (:func:`fingerprint_keyed_instance`): the plain model's mixture spans the
+  *clean* bank's member subspace exactly (rank = members - 1), and projecting a marked bank on
+  it would strip any data-level mark for free.
+- *Framing* a recipient who is not among the colluders: their pattern is independent of every
+  file the colluders hold (a PRF of a secret they lack), so for any image they make, that
+  recipient's score is exactly standard normal given the image (below).
+- *Collusion*: averaging c banks or faces keeps each colluder's mark at 1/c of its energy;
+  with Gaussian patterns no combination of c copies does better in the linear regime (the mean
+  is the best estimate of the common clean bank), while a +-1 pattern would let c colluders see
+  where their marks differ and strip all but 2^(1-c) of it.
+
+Verification (owner side, non-blind)
+------------------------------------
+An image is encoded with TAEF2; each latent pixel is matched to the nearest row of the
+*unfingerprinted* base bank at that position (what the refinement copied); the clean collage
+of those rows is decoded and re-encoded, which cancels the round trip's deterministic error;
+the residual, projected on the carrier directions' round-trip images and clipped per pixel
+(so a wrong match cannot dominate), is the vector v. For an instance k the score is
+
+    T_k = <v, g_k(rows)> / ||v||
+
+and none of v's steps looks at any instance's pattern. So if the image does not come from
+instance k, g_k is independent of v and T_k ~ N(0, 1) exactly, whatever the image: the
+false-accusation probability of a recipient is Phi(-t) at threshold t, and Sidak's
+1 - (1 - Phi(-t))^M over a registry of M (the K scores are independent given v). The
+calibration on negatives measures this (it is not assumed).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import math
+import secrets
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ArtifactError, ConfigError, InputError, NotFittedError
+from ..io import load_artifact, now_iso, save_artifact
+
+__all__ = ["KeyedConfig", "OwnerSecret", "KEYED_MECHANISM", "fingerprint_keyed_instance", "Residuals",
+           "instance_key", "pattern_rows", "normal_tail", "sidak"]
+
+KEYED_MECHANISM = "keyed-bank"
+ARTIFACT_CLASS = "faceprint.fingerprint.OwnerSecret"
+_DOMAIN = b"faceprint keyed-bank v1|"
+
+
+@dataclass(frozen=True)
+class KeyedConfig:
+    """Parameters of the keyed bank mark.
+
+    directions : carrier directions per latent pixel (of 32 TAEF2 channels).
+    sigma : the mark's standard deviation along each carrier direction, in latent units
+        (the bank's channels have std 0.6-1.1); 0.15 gives about 36 dB PSNR on generated faces.
+    clip : per-pixel clipping of the projected residual, in multiples of its median norm.
+    probe : bank rows used to measure the carrier directions (decode -> JPEG 50 -> encode).
+    """
+
+    directions: int = 16
+    sigma: float = 0.15
+    clip: float = 3.0
+    probe: int = 24
+
+    def __post_init__(self):
+        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or not 1 <= self.directions <= 64:
+            raise ConfigError(f"directions must be an int in [1, 64], got {self.directions!r}; try 16")
+        for name in ("sigma", "clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if isinstance(self.probe, bool) or not isinstance(self.probe, int) or self.probe < 2:
+            raise ConfigError(f"probe must be an int >= 2, got {self.probe!r}")
+
+
+def instance_key(master: bytes, code_hex: str) -> bytes:
+    """The instance's own 256-bit secret: HMAC-SHA256(master, domain | code)."""
+    return hmac.new(master, _DOMAIN + code_hex.encode("ascii"), hashlib.sha256).digest()
+
+
+def pattern_rows(key: bytes, rows: torch.Tensor, m: int, h: int, w: int) -> torch.Tensor:
+    """The instance's Gaussian pattern for bank ``rows`` (R,): (R, m, h, w) float32, i.i.d.
+    N(0, 1), each row expanded from SHAKE-256(key | row) by Box-Muller (so any row can be made
+    without the others)."""
+    n = m * h * w
+    if n % 2:
+        raise ConfigError(f"m * h * w must be even, got {n}")
+    rows = [int(r) for r in rows.reshape(-1).tolist()]
+    if not rows:
+        return torch.zeros(0, m, h, w)
+    buf = bytearray()
+    for r in rows:
+        buf += hashlib.shake_256(key + r.to_bytes(8, "little")).digest(4 * n)
+    u = torch.frombuffer(buf, dtype=torch.int32).view(len(rows), 2, n // 2)
+    # uniforms in (0, 1): 31 random bits each, offset by half a step so log() never sees 0
+    u = ((u.long() & 0x7FFFFFFF).double() + 0.5) / 2.0 ** 31
+    r_ = torch.sqrt(-2 * torch.log(u[:, 0]))
+    th = 2 * math.pi * u[:, 1]
+    z = torch.cat([r_ * torch.cos(th), r_ * torch.sin(th)], 1)  # (R, n)
+    return z.float().view(len(rows), m, h, w)
+
+
+def normal_tail(t: float) -> float:
+    """P(N(0, 1) >= t)."""
+    return 0.5 * math.erfc(t / math.sqrt(2))
+
+
+def sidak(p: float, k: int) -> float:
+    """P(the best of k independent tests has p-value <= p) = 1 - (1 - p)^k."""
+    return -math.expm1(k * math.log1p(-min(p, 1 - 1e-300))) if p < 1 else 1.0
+
+
+def threshold_for(target_fpr: float, registry_size: int) -> float:
+    """Smallest score t whose Sidak-corrected normal tail over ``registry_size`` recipients is
+    <= target_fpr."""
+    per = -math.expm1(math.log1p(-target_fpr) / max(registry_size, 1))
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if normal_tail(mid) > per:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _q8(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def _jpeg(x: torch.Tensor, quality: int = 50) -> torch.Tensor:
+    from .attacks import ATTACKS
+
+    return ATTACKS["jpeg"].apply(x, quality)
+
+
+class OwnerSecret:
+    """The owner's master secret with the public carrier geometry measured on TAEF2.
+
+    State: ``master`` (32 bytes, never leaves the owner's folder), ``directions_`` V (C, m),
+    ``template_`` (C, m) the directions' image after a clean round trip (what the detector
+    correlates with), ``gains_`` (m,) their JPEG-50 gains, ``shape_`` (C, h, w)."""
+
+    def __init__(self, config: KeyedConfig | None = None, master: bytes | None = None):
+        self.config = config or KeyedConfig()
+        if master is not None and (not isinstance(master, bytes) or len(master) != 32):
+            raise ConfigError("master must be 32 bytes")
+        self.master = master
+        self.directions_: torch.Tensor | None = None
+        self.template_: torch.Tensor | None = None
+        self.gains_: torch.Tensor | None = None
+        self.shape_: tuple[int, int, int] | None = None
+        self.provenance_: dict = {}
+
+    # ------------------------------------------------------------------ carriers
+    @torch.no_grad()
+    def fit(self, bank: torch.Tensor, autoencoder, *, seed: int = 0, master: bytes | None = None) -> "OwnerSecret":
+        """Measure the carrier directions on ``config.probe`` rows of ``bank`` (N, C, h, w):
+        the per-pixel linear response of decode -> 8 bit -> JPEG 50 -> encode to small random
+        perturbations, averaged over pixels and rows; V = its top right singular vectors.
+        A new random master secret is drawn unless ``master`` is given."""
+        from ..seeding import generator as make_generator
+
+        if not isinstance(bank, torch.Tensor) or bank.dim() != 4 or bank.shape[0] < 2:
+            raise InputError(f"bank must be a (N, C, h, w) tensor with N >= 2, got {tuple(getattr(bank, 'shape', ()))}")
+        cfg = self.config
+        c, h, w = bank.shape[1:]
+        if cfg.directions > c:
+            raise ConfigError(f"directions {cfg.directions} exceed the {c} latent channels")
+        ae = getattr(autoencoder, "base", autoencoder)
+        g = make_generator(seed, "keyed-carriers")
+        rows = torch.randperm(bank.shape[0], generator=g)[: cfg.probe]
+        z0 = bank[rows].float()
+        eps = 0.1
+
+        def response(f):
+            base = ae.encode(f(_q8(ae.decode(z0))))
+            acc = torch.zeros(c, c, dtype=torch.float64)
+            for _ in range(2):
+                d = torch.randn(z0.shape, generator=g) * eps
+                out = ae.encode(f(_q8(ae.decode(z0 + d)))) - base
+                acc += torch.einsum("nchw,ndhw->cd", out.double(), d.double()) / (d.numel() / c) / eps ** 2
+            return acc / 2
+
+        m_clean = response(lambda x: x)
+        m_jpeg = response(_jpeg)
+        _, s, vh = torch.linalg.svd(m_jpeg)
+        V = vh[: cfg.directions].T.contiguous()  # (C, m), orthonormal columns
+        self.directions_ = V.float()
+        self.template_ = (m_clean @ V).float().contiguous()
+        self.gains_ = s[: cfg.directions].float()
+        self.shape_ = (int(c), int(h), int(w))
+        self.master = master if master is not None else (self.master or secrets.token_bytes(32))
+        self.provenance_ = {"created": now_iso(), "probe_rows": int(len(rows)), "autoencoder": getattr(ae, "id", None),
+                            "jpeg_gains": [round(float(v), 4) for v in s]}
+        return self
+
+    def _check(self):
+        if self.directions_ is None or self.master is None:
+            raise NotFittedError("OwnerSecret is not fitted; call fit(bank, autoencoder) or OwnerSecret.load(path)")
+
+    def key_of(self, code_hex: str) -> bytes:
+        self._check()
+        return instance_key(self.master, code_hex)
+
+    def mark(self, code_hex: str, rows: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
+        """The latent mark sigma V g_k of bank rows (default 0..n-1): (R, C, h, w)."""
+        self._check()
+        c, h, w = self.shape_
+        if rows is None:
+            rows = torch.arange(n)
+        g = pattern_rows(self.key_of(code_hex), rows, self.config.directions, h, w)
+        return self.config.sigma * torch.einsum("cm,rmhw->rchw", self.directions_, g)
+
+    def embed(self, bank: torch.Tensor, code_hex: str, *, chunk: int = 512) -> torch.Tensor:
+        """bank (N, C, h, w) + the instance's mark, in float32."""
+        self._check()
+        if bank.dim() != 4 or tuple(bank.shape[1:]) != self.shape_:
+            raise InputError(f"bank must have shape (N, {', '.join(map(str, self.shape_))}), got {tuple(bank.shape)}")
+        out = bank.float().clone()
+        for s in range(0, out.shape[0], chunk):
+            rows = torch.arange(s, min(s + chunk, out.shape[0]))
+            out[rows] += self.mark(code_hex, rows)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        self._check()
+        tensors = {"master": torch.frombuffer(bytearray(self.master), dtype=torch.uint8).clone(),
+                   "directions": self.directions_, "template": self.template_, "gains": self.gains_}
+        save_artifact(path, tensors, {"class": ARTIFACT_CLASS, "config": asdict(self.config), "shape": list(self.shape_),
+                                      "provenance": self.provenance_}, mode=0o600)
+
+    @classmethod
+    def load(cls, path) -> "OwnerSecret":
+        tensors, meta = load_artifact(path, expected_class=ARTIFACT_CLASS)
+        try:
+            s = cls(KeyedConfig(**meta["config"]))
+            master = tensors["master"]
+            if master.dtype != torch.uint8 or master.numel() != 32:
+                raise KeyError("master must be 32 bytes")
+            s.master = bytes(master.tolist())
+            s.directions_, s.template_, s.gains_ = tensors["directions"].float(), tensors["template"].float(), tensors["gains"].float()
+            s.shape_ = tuple(int(v) for v in meta["shape"])
+            if s.directions_.shape != (s.shape_[0], s.config.directions) or s.template_.shape != s.directions_.shape:
+                raise KeyError("directions/template shapes disagree with the config")
+            s.provenance_ = meta.get("provenance", {})
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise ArtifactError(f"{str(path)!r} is not a consistent owner secret ({e}); restore it from a backup") from None
+        return s
+
+
+def refit_mixture(gen, bank: torch.Tensor) -> None:
+    """Re-estimate ``gen``'s mixture (means, member subspaces, noise) on ``bank`` with its
+    labels unchanged, so the released file's subspaces span the *marked* bank."""
+    mix = copy.deepcopy(gen.mixture_)
+    N = bank.shape[0]
+    Y = gen.projector_.transform(bank.float()).reshape(N, -1).double()
+    K = mix.weights_.numel()
+    resp = F.one_hot(mix.labels_.long(), K).double()
+    old_dtype = mix.means_.dtype
+    mix._m_step(Y, resp)
+    mix.astype(old_dtype)
+    gen.mixture_ = mix
+
+
+def fingerprint_keyed_instance(gen, secret: OwnerSecret, code_hex: str, info: dict | None = None):
+    """A copy of a fitted Generator whose bank carries the instance's keyed mark, with its
+    mixture re-estimated on the marked bank (see the module docstring). ``gen`` is not modified."""
+    if getattr(gen, "bank_", None) is None:
+        raise NotFittedError("gen is not a fitted Generator; fit it or load it first")
+    secret._check()
+    if tuple(gen.bank_.shape[1:]) != secret.shape_:
+        raise ConfigError(f"the owner secret is for latents of shape {secret.shape_}, this model's are "
+                          f"{tuple(gen.bank_.shape[1:])}: use another --owner folder")
+    g = copy.copy(gen)
+    marked = secret.embed(gen.bank_, code_hex)
+    g.bank_ = marked.to(gen.bank_.dtype).contiguous()
+    refit_mixture(g, g.bank_.float())
+    g._cache = {}
+    g.provenance_ = dict(gen.provenance_)
+    public = {k: v for k, v in asdict(secret.config).items()}
+    g.fingerprint_ = {"mechanism": KEYED_MECHANISM, "config": public, **(info or {})}
+    return g
+
+
+@dataclass
+class Residuals:
+    """The key-independent part of verification: v (n, m, h, w) and the matched rows (n, h, w)."""
+
+    v: torch.Tensor
+    rows: torch.Tensor
+    match_distance: torch.Tensor  # (n,) mean distance of each latent pixel to its matched row
+
+    def scores(self, secret: OwnerSecret, codes: list[str], *, chunk_rows: int = 4096) -> torch.Tensor:
+        """(n, K) scores T of every image against every code (exactly N(0, 1) for codes that did not make it)."""
+        n, m, h, w = self.v.shape
+        norm = self.v.pow(2).sum((1, 2, 3)).sqrt().clamp_min(1e-12)
+        uniq, inv = torch.unique(self.rows, return_inverse=True)  # rows used by any image
+        ys = torch.arange(h).view(1, h, 1)
+        xs = torch.arange(w).view(1, 1, w)
+        out = torch.zeros(n, len(codes))
+        for k, code in enumerate(codes):
+            key = secret.key_of(code)
+            pats = pattern_rows(key, uniq, m, h, w)  # (U, m, h, w)
+            g = pats[inv, :, ys, xs].permute(0, 3, 1, 2)  # (n, m, h, w)
+            out[:, k] = (self.v * g).sum((1, 2, 3)) / norm
+        return out
+
+
+class BaseIndex:
+    """The unfingerprinted base bank, prepared for matching encoded images to its rows."""
+
+    def __init__(self, bank: torch.Tensor, autoencoder, secret: OwnerSecret):
+        self.bank = bank.float()
+        self.ae = getattr(autoencoder, "base", autoencoder)
+        self.secret = secret
+        N, C, h, w = self.bank.shape
+        self._pix = self.bank.permute(2, 3, 0, 1).reshape(h * w, N, C).contiguous()  # (hw, N, C)
+
+    def match(self, z: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest base row per latent pixel: rows (n, h, w), distances (n, h, w)."""
+        n, C, h, w = z.shape
+        rows, dist = [], []
+        for s in range(0, n, chunk):
+            q = z[s:s + chunk].permute(2, 3, 0, 1).reshape(h * w, -1, C)
+            d = torch.cdist(q, self._pix)  # (hw, b, N)
+            v, i = d.min(-1)
+            rows.append(i.T.reshape(-1, h, w))
+            dist.append(v.T.reshape(-1, h, w))
+        return torch.cat(rows), torch.cat(dist)
+
+    @torch.no_grad()
+    def residuals(self, images: torch.Tensor, batch: int = 64) -> Residuals:
+        """Images (n, 3, H, W) in [0, 1] (resized to the model's size) -> Residuals."""
+        from ..latent.refine import gather
+
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise InputError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(getattr(images, 'shape', ()))}")
+        C, h, w = self.secret.shape_
+        size = (h * 8, w * 8)
+        vs, rs, ds = [], [], []
+        T = self.secret.template_
+        clip = self.secret.config.clip
+        for s in range(0, images.shape[0], batch):
+            x = images[s:s + batch].float().clamp(0, 1)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+            z = self.ae.encode(x)
+            rows, dist = self.match(z)
+            ref = self.ae.encode(_q8(self.ae.decode(gather(self.bank, rows))))
+            v = torch.einsum("nchw,cm->nmhw", z - ref, T)
+            # clip each pixel's residual at clip x the image's median pixel norm: a wrongly matched
+            # pixel (a residual the size of a whole photo's difference) cannot dominate the score
+            pn = v.pow(2).sum(1, keepdim=True).sqrt()
+            med = pn.flatten(1).median(1).values.view(-1, 1, 1, 1).clamp_min(1e-12)
+            v = v * (clip * med / pn.clamp_min(1e-12)).clamp(max=1.0)
+            vs.append(v)
+            rs.append(rows)
+            ds.append(dist.flatten(1).mean(1))
+        return Residuals(torch.cat(vs), torch.cat(rs), torch.cat(ds))

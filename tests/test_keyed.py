@@ -1,0 +1,162 @@
+"""Keyed per-instance fingerprints (issue 20): the recipient holds the instance file."""
+
+import json
+
+import pytest
+import torch
+
+from faceprint.cli.main import main
+from faceprint.fingerprint.keyed import (OwnerSecret, Residuals, instance_key, normal_tail, pattern_rows, sidak,
+                                         threshold_for)
+from faceprint.io import load_artifact
+
+
+@pytest.fixture(autouse=True)
+def _private_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEPRINT_CACHE", str(tmp_path / "cache"))
+
+
+def test_pattern_is_random_access_gaussian_and_keyed():
+    k1 = instance_key(b"\x01" * 32, "ab" * 16)
+    assert k1 != instance_key(b"\x01" * 32, "ac" * 16) and k1 != instance_key(b"\x02" * 32, "ab" * 16)
+    full = pattern_rows(k1, torch.arange(40), 4, 8, 8)
+    part = pattern_rows(k1, torch.tensor([37, 3, 3]), 4, 8, 8)
+    assert torch.equal(part[0], full[37]) and torch.equal(part[1], full[3]) and torch.equal(part[2], full[3])
+    assert abs(float(full.mean())) < 0.05 and abs(float(full.std()) - 1) < 0.05
+    other = pattern_rows(instance_key(b"\x01" * 32, "ac" * 16), torch.arange(40), 4, 8, 8)
+    c = float((full * other).sum() / (full.norm() * other.norm()))
+    assert abs(c) < 0.05  # independent patterns: correlation about 1/sqrt(10240)
+
+
+def test_threshold_and_sidak():
+    t = threshold_for(1e-3, 16)
+    assert sidak(normal_tail(t), 16) == pytest.approx(1e-3, rel=1e-6)
+    assert threshold_for(1e-3, 1) < t < threshold_for(1e-6, 16)
+
+
+def test_null_scores_are_standard_normal_for_any_residual():
+    """T for a code that did not make the image is N(0, 1) given the residual: here residuals with
+    strong structure (a constant, a ramp) and heavy tails still give mean 0, std 1."""
+    sec = OwnerSecret()
+    sec.master = b"\x07" * 32
+    sec.directions_ = torch.eye(4, 2)
+    sec.template_ = torch.eye(4, 2)
+    sec.shape_ = (4, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    v = torch.ones(50, 2, 4, 4) + torch.linspace(0, 5, 4).view(1, 1, 1, 4) + torch.randn(50, 2, 4, 4, generator=g) ** 3
+    rows = torch.randint(0, 30, (50, 4, 4), generator=g)
+    res = Residuals(v, rows, torch.zeros(50))
+    codes = [f"{i:032x}" for i in range(200)]
+    s = res.scores(sec, codes)
+    assert abs(float(s.mean())) < 0.05 and abs(float(s.std()) - 1) < 0.05
+
+
+@pytest.fixture(scope="module")
+def keyed_owner(tmp_path_factory, celeba_dir):
+    root = tmp_path_factory.mktemp("keyed")
+    photos = root / "photos"
+    photos.mkdir()
+    for p in sorted(celeba_dir.iterdir())[:64]:
+        (photos / p.name).symlink_to(p)
+    m = root / "m.safetensors"
+    assert main(["fit", str(photos), "-o", str(m), "--components", "2", "-q"]) == 0
+    ow = ["--owner", str(root / "owner")]
+    for name, seed in (("alice", "1"), ("bob", "2"), ("carol", "3")):
+        assert main(["fingerprint", "issue", str(m), "--to", name.title(), "-o", str(root / f"{name}.safetensors"),
+                     "--seed", seed, "-q", *ow]) == 0
+        assert main(["generate", str(root / f"{name}.safetensors"), "-n", "6", "-o", str(root / name), "-q"]) == 0
+    assert main(["generate", str(m), "-n", "4", "-o", str(root / "plain"), "--seed", "7", "-q"]) == 0
+    return root, m, ow
+
+
+def _verify(capsys, ow, *images):
+    capsys.readouterr()
+    assert main(["verify", "--json", *map(str, images), "-q", *ow]) == 0
+    return [json.loads(line) for line in capsys.readouterr()[0].splitlines()]
+
+
+def test_keyed_instances_verify_to_their_recipient_and_nothing_else_matches(keyed_owner, celeba_dir, capsys):
+    root, _, ow = keyed_owner
+    for name in ("alice", "bob", "carol"):
+        out = _verify(capsys, ow, *sorted((root / name).glob("face_*.png")))
+        assert len(out) == 6
+        assert all(o["match"] and o["instance"] == name for o in out), [(o["instance"], o["score"]) for o in out]
+        assert all(o["fpr_bound"] <= 1e-3 for o in out)
+    plain = sorted((root / "plain").glob("face_*.png"))
+    real = sorted(celeba_dir.iterdir())[300:306]
+    out = _verify(capsys, ow, *plain, *real)
+    assert not any(o["match"] for o in out), [(o["nearest_instance"], o["score"]) for o in out]
+
+
+def test_the_released_file_holds_no_owner_secret_and_its_mixture_spans_the_marked_bank(keyed_owner):
+    from faceprint.autoencoder import TAEF2
+    from faceprint.latent.generator import Generator
+
+    root, m, ow = keyed_owner
+    owner = root / "owner"
+    secret = load_artifact(owner / "secret.safetensors")[0]["master"]
+    raw = (root / "alice.safetensors").read_bytes()
+    assert bytes(secret.tolist()) not in raw
+    _, meta = load_artifact(root / "alice.safetensors")
+    assert "master" not in json.dumps(meta)
+    assert (owner / "secret.safetensors").stat().st_mode & 0o077 == 0
+    # projecting the instance's bank on its own released subspaces keeps the mark
+    ae = TAEF2.load()
+    inst = Generator.load(root / "alice.safetensors", autoencoder=ae)
+    base = Generator.load(m, autoencoder=ae)
+
+    def projected(gen, bank):
+        mix, pj = gen.mixture_, gen.projector_
+        Y = pj.transform(bank.float())
+        shp = Y.shape
+        Y = Y.reshape(Y.shape[0], -1).double()
+        out = Y.clone()
+        for k in range(mix.weights_.numel()):
+            mem = torch.nonzero(mix.labels_ == k).squeeze(1)
+            U, mu = mix.eigvecs_[k].double(), mix.means_[k].double()
+            out[mem] = mu + ((Y[mem] - mu) @ U) @ U.T
+        return pj.inverse(out.float().reshape(shp))
+
+    mark = inst.bank_.float() - base.bank_.float()
+    kept_own = ((projected(inst, inst.bank_) - base.bank_.float()) * mark).sum() / mark.pow(2).sum()
+    kept_base = ((projected(base, inst.bank_) - base.bank_.float()) * mark).sum() / mark.pow(2).sum()
+    assert kept_own > 0.95  # the released subspaces contain the marked rows
+    assert kept_base < 0.5  # the base model's subspaces would have stripped most of it
+
+
+def test_two_colluders_averaging_their_banks_are_both_still_scored(keyed_owner):
+    from faceprint.autoencoder import TAEF2
+    from faceprint.fingerprint.keyed import BaseIndex, _q8
+    from faceprint.fingerprint.owner import Owner
+    from faceprint.latent.generator import Generator
+    from faceprint.latent.refine import gather
+
+    root, m, ow = keyed_owner
+    ae = TAEF2.load()
+    owner = Owner(root / "owner")
+    with owner.open_registry(create=False) as reg:
+        entries = {e.instance: e for e in reg.all()}
+    a = Generator.load(root / "alice.safetensors", autoencoder=ae)
+    b = Generator.load(root / "bob.safetensors", autoencoder=ae)
+    smp = a.sample_latents(8, seed=3, guard=None)
+    x = _q8(ae.decode(gather((a.bank_.float() + b.bank_.float()) / 2, smp.provenance)))
+    base = Generator.load(m, autoencoder=ae)
+    secret = owner.load_secret()
+    s = BaseIndex(base.bank_, ae, secret).residuals(x).scores(
+        secret, [entries[n].code for n in ("alice", "bob", "carol")])
+    assert float(s[:, 0].median()) > 3 and float(s[:, 1].median()) > 3
+    assert float(s[:, 2].abs().median()) < 2.5  # carol did not collude
+
+
+def test_keyed_verify_refuses_crop_search_and_a_missing_base(keyed_owner, tmp_path, capsys):
+    import shutil
+
+    root, _, ow = keyed_owner
+    face = sorted((root / "alice").glob("face_*.png"))[0]
+    assert main(["verify", "--crop-search", "0.8", str(face), *ow]) == 2
+    assert "crop-search" in capsys.readouterr()[1]
+    moved = tmp_path / "owner"
+    shutil.copytree(root / "owner", moved)
+    shutil.rmtree(moved / "bases")
+    assert main(["verify", str(face), "--owner", str(moved)]) == 2
+    assert "base model" in capsys.readouterr()[1]
