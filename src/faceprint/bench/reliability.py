@@ -602,8 +602,8 @@ def build_cases(full: bool = True) -> list[Case]:
     add("side-effect", "fingerprint issue", "registry is a text file",
         lambda ctx, d: issue(d, ctx, "--registry", str(_userfile(d / "r.sqlite"))), must_not_exist=none_left,
         inputs=lambda ctx, d: [d / "r.sqlite"])
-    add("side-effect", "fingerprint issue", "64 px model (too small for a code): nothing created",
-        lambda ctx, d: issue(d, ctx), must_not_exist=none_left, quick=Q)
+    add("side-effect", "fingerprint issue", "64 px model (too small for a datalevel-bank code): nothing created",
+        lambda ctx, d: issue(d, ctx, "--mechanism", "datalevel-bank"), must_not_exist=none_left, quick=Q)
     add("side-effect", "fingerprint issue", "instance name already issued: no new key, no file",
         lambda ctx, d: issue(d, ctx, "--instance", "alice", owner="owner") + [str(_owner_copy(ctx, d))][:0],
         inputs=lambda ctx, d: [d / "owner"], must_not_exist=lambda ctx, d: [d / "o.safetensors"])
