@@ -160,3 +160,25 @@ def test_keyed_verify_refuses_crop_search_and_a_missing_base(keyed_owner, tmp_pa
     shutil.rmtree(moved / "bases")
     assert main(["verify", str(face), "--owner", str(moved)]) == 2
     assert "base model" in capsys.readouterr()[1]
+
+
+def test_keyed_calibration_measures_standard_normal_scores_on_negatives(keyed_owner, celeba_dir, tmp_path, capsys):
+    import shutil
+
+    root, m, ow = keyed_owner
+    neg = tmp_path / "neg"
+    neg.mkdir()
+    for p in sorted(celeba_dir.iterdir())[400:440]:
+        (neg / p.name).symlink_to(p)
+    owner = tmp_path / "owner"
+    shutil.copytree(root / "owner", owner)
+    args = ["fingerprint", "calibrate", str(m), "--negatives", str(neg), "--faces", "16", "--instances", "1",
+            "--faces-per-instance", "16", "--owner", str(owner)]
+    assert main([*args, "--min-negatives", "100"]) == 2  # 72 negatives: refused, nothing written
+    assert not (owner / "calibration-keyed.json").exists()
+    capsys.readouterr()
+    assert main([*args, "--min-negatives", "50", "-q"]) == 0
+    doc = json.loads((owner / "calibration-keyed.json").read_text())
+    assert doc["pairs"] == 72 * 64 and doc["negatives"]["photos"] == 40
+    assert abs(doc["mean"]) < 0.15 and 0.85 < doc["std"] < 1.15
+    assert doc["exceedances"]["4.0"]["count"] <= 3  # about 0.15 expected

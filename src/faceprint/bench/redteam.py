@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--fid-n", type=int, default=500, help="faces per row for FID (0: skip FID)")
     p.add_argument("--framing-faces", type=int, default=640, help="colluders' faces scored against innocents")
     p.add_argument("--target-fpr", type=float, default=1e-3, help="per-image false-accusation target")
+    p.add_argument("--negatives", type=int, default=10000,
+                   help="real photos scored against the registry for false accusations (celeba-10k after the "
+                        "training photos, then celeba-id; from the latent cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
 
@@ -401,6 +404,35 @@ def run(args) -> int:
            ["source", "attempts (face x innocent)", "framed", "max T", "std T (N(0,1): 1)", "rate T >= 3"], frame_rows, md)
     doc["framing"] = {"attempts": attempts, "framed": hits, "max": float(fr_all.max()), "std": float(fr_all.std())}
     doc["innocent_accusations"] = {"hits": innocent_hits, "pairs": innocent_total}
+
+    # ------------------------------------------------------------------ real-photo negatives
+    if args.negatives:
+        t1 = time.perf_counter()
+        neg_rows = []
+        folders = [(ds / "celeba-10k" / "images", args.train, "celeba-10k"), (ds / "celeba-id" / "images", 0, "celeba-id")]
+        left = args.negatives
+        all_s = []
+        for folder, skip, label in folders:
+            if left <= 0 or not folder.is_dir():
+                continue
+            ff = FaceFolder(folder, size=128, limit=skip + left)
+            lat = encode_folder(ff, ae, cache=LatentCache()).latents[skip:]
+            s_neg = index.residuals_of_latents(lat, batch=args.batch).scores(secret, codes)
+            all_s.append(s_neg)
+            left -= len(lat)
+            acc = int((s_neg >= thr).any(1).sum())
+            neg_rows.append([f"{label} photos", len(lat), acc, f"{float(s_neg.max()):.2f}", f"{float(s_neg.mean()):.3f}",
+                             f"{float(s_neg.std()):.3f}", f"{float((s_neg >= 3).float().mean()):.2e}"])
+        s_all = torch.cat(all_s)
+        n_img = s_all.shape[0]
+        fp = int((s_all >= thr).any(1).sum())
+        neg_rows.append(["all", n_img, fp, f"{float(s_all.max()):.2f}", f"{float(s_all.mean()):.3f}",
+                         f"{float(s_all.std()):.3f}", f"{float((s_all >= 3).float().mean()):.2e}"])
+        _table(f"Real photos (never in the model) against the {CODES} registered recipients; N(0,1) expects mean 0, "
+               f"std 1, rate(T >= 3) = {normal_tail(3):.2e}", ["negatives", "images", "false accusations", "max T",
+                                                               "mean T", "std T", "rate T >= 3"], neg_rows, md)
+        doc["negatives"] = {"images": n_img, "false_accusations": fp, "seconds": time.perf_counter() - t1,
+                            "expected_false_accusations": n_img * args.target_fpr}
 
     # ------------------------------------------------------------------ write
     doc["minutes"] = (time.perf_counter() - t_start) / 60

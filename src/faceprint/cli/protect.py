@@ -179,6 +179,8 @@ def cmd_calibrate(args) -> int:
     from .safety import Plan
 
     owner = _owner(args)
+    if owner.secret_path.is_file() and not owner.key_path.is_file():
+        return _calibrate_keyed(args, owner)
     plan = Plan().input_file("model", args.model).input_file("owner key", owner.key_path)
     for n in args.negatives:
         plan.input_folder("--negatives", n)
@@ -219,6 +221,92 @@ def cmd_calibrate(args) -> int:
     print(f"best matching bits: max {top} of {cal.n_bits}; threshold {cal.threshold} "
           f"(false-positive rate {cal.operating_fpr:.2g}, 95% upper bound {cal.operating_fpr_upper_bound:.2g}, "
           f"target {args.target_fpr:g}); wrote {owner.calibration}")
+    return 0
+
+
+KEYED_CALIBRATION = "calibration-keyed.json"
+
+
+def _calibrate_keyed(args, owner) -> int:
+    """keyed-bank: measure the scores of negatives against random instance codes, to check (not
+    assume) that an innocent recipient's score is standard normal; written to the owner folder."""
+    import math
+
+    import torch
+
+    from ..autoencoder import TAEF2
+    from ..data.folder import load_image
+    from ..fingerprint.keyed import BaseIndex, fingerprint_keyed_instance, normal_tail, threshold_for
+    from ..fingerprint.registry import code_to_hex, random_code
+    from ..fingerprint.verification import clopper_pearson_upper
+    from ..io import atomic_write_text, now_iso, sha256_file
+    from ..latent.generator import Generator
+    from ..seeding import generator as make_generator
+    from .safety import Plan
+
+    plan = Plan().input_file("model", args.model).input_file("owner secret", owner.secret_path)
+    for n in args.negatives:
+        plan.input_folder("--negatives", n)
+    plan.output_file("calibration", owner.folder / KEYED_CALIBRATION).check()
+    secret = owner.load_secret()
+    ae = TAEF2.load(args.weights)
+    gen = Generator.load(args.model, autoencoder=ae)
+    if getattr(gen, "fingerprint_", None):
+        raise InputError(f"{str(args.model)!r} is a fingerprinted instance; calibrate with the model the instances were issued from")
+    files = _image_files(args.negatives, say=lambda m: _say(args, m))
+    total = len(files) + args.faces + args.instances * args.faces_per_instance
+    if total < args.min_negatives:
+        raise InputError(f"{total} negatives ({len(files)} photos + {args.faces} faces + {args.instances} x "
+                         f"{args.faces_per_instance} instance faces) is fewer than --min-negatives {args.min_negatives}; "
+                         "add photos or faces, or lower --min-negatives knowingly")
+    index = BaseIndex(gen.bank_, ae, secret)
+    g = make_generator(args.seed, "keyed-calibration-codes")
+    codes = [code_to_hex(random_code(generator=g)) for _ in range(64)]
+    parts: dict[str, torch.Tensor] = {}
+    _say(args, f"scoring {len(files)} negative photos against {len(codes)} random codes")
+    out = []
+    for s in range(0, len(files), 64):
+        x = torch.stack([load_image(f, 128) for f in files[s:s + 64]])
+        out.append(index.residuals(x).scores(secret, codes))
+    if out:
+        parts["photos"] = torch.cat(out)
+
+    def faces(gm, n, seed):
+        res = []
+        for s in range(0, n, 64):
+            imgs = ae.decode(gm.sample_latents(min(64, n - s), seed=seed, start=s).latents.float())
+            res.append(index.residuals((imgs.clamp(0, 1) * 255).round() / 255).scores(secret, codes))
+        return torch.cat(res) if res else torch.zeros(0, len(codes))
+
+    if args.faces:
+        _say(args, f"scoring {args.faces} faces of the unfingerprinted model")
+        parts["unfingerprinted faces"] = faces(gen, args.faces, args.seed)
+    if args.instances:
+        gi = make_generator(args.seed, "keyed-calibration-instances")
+        inst = []
+        for j in range(args.instances):
+            ig = fingerprint_keyed_instance(gen, secret, code_to_hex(random_code(generator=gi)))
+            inst.append(faces(ig, args.faces_per_instance, args.seed + 1 + j))
+        parts["other instances' faces"] = torch.cat(inst)
+    allv = torch.cat(list(parts.values())).flatten()
+    n_pairs = allv.numel()
+    grid = [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+    doc = {"mechanism": "keyed-bank", "created": now_iso(), "model_sha256": sha256_file(args.model),
+           "negatives": {k: int(v.shape[0]) for k, v in parts.items()}, "codes": len(codes), "pairs": n_pairs,
+           "mean": float(allv.mean()), "std": float(allv.std()), "max": float(allv.max()),
+           "exceedances": {str(t): {"count": int((allv >= t).sum()), "normal_expected": n_pairs * normal_tail(t),
+                                    "upper_95": clopper_pearson_upper(int((allv >= t).sum()), n_pairs)} for t in grid},
+           "seed": args.seed}
+    owner.folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(owner.folder / KEYED_CALIBRATION, json.dumps(doc, indent=1))
+    thr = threshold_for(args.target_fpr, 1)
+    print(f"negatives: {', '.join(f'{v} {k}' for k, v in doc['negatives'].items())}; {n_pairs} (image, code) pairs")
+    print(f"scores: mean {doc['mean']:.3f}, std {doc['std']:.3f} (standard normal: 0, 1), max {doc['max']:.2f}; "
+          f"T >= 3: {doc['exceedances']['3.0']['count']} (normal: {doc['exceedances']['3.0']['normal_expected']:.1f}); "
+          f"one recipient's threshold at {args.target_fpr:g} is {thr:.2f}; wrote {owner.folder / KEYED_CALIBRATION}")
+    if not math.isfinite(doc["std"]) or abs(doc["std"] - 1) > 0.1 or abs(doc["mean"]) > 0.1:
+        print("warning: the scores of negatives are not standard normal: the stated false-accusation bounds do not "
+              "hold for images like these; report this", file=sys.stderr)
     return 0
 
 
@@ -263,6 +351,14 @@ def _verify_keyed(args, entries) -> int:
     if olds:
         _say(args, f"note: {len(olds)} datalevel-bank instance(s) in the registry are not checked when keyed-bank "
                    "instances exist (verify them with a registry of their own)")
+    cal_path = owner.folder / KEYED_CALIBRATION
+    measured = json.loads(cal_path.read_text()) if cal_path.is_file() else None
+    if measured is None:
+        _say(args, f"note: no measured calibration in {str(owner.folder)!r}; the bound below is the exact normal tail "
+                   "(check it on your negatives with `faceprint fingerprint calibrate MODEL --negatives PHOTOS/`)")
+    else:
+        _say(args, f"calibration: {measured['pairs']} negative (image, code) pairs scored mean {measured['mean']:.3f}, "
+                   f"std {measured['std']:.3f} (standard normal: 0, 1)")
     for s in range(0, len(files), 64):
         chunk = files[s:s + 64]
         x = torch.stack([load_image(f, 128) for f in chunk])

@@ -364,20 +364,29 @@ class BaseIndex:
     @torch.no_grad()
     def residuals(self, images: torch.Tensor, batch: int = 64) -> Residuals:
         """Images (n, 3, H, W) in [0, 1] (resized to the model's size) -> Residuals."""
-        from ..latent.refine import gather
-
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             raise InputError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(getattr(images, 'shape', ()))}")
         C, h, w = self.secret.shape_
         size = (h * 8, w * 8)
-        vs, rs, ds = [], [], []
-        T = self.secret.template_
-        clip = self.secret.config.clip
+        parts = []
         for s in range(0, images.shape[0], batch):
             x = images[s:s + batch].float().clamp(0, 1)
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-            z = self.ae.encode(x)
+            parts.append(self.residuals_of_latents(self.ae.encode(x), batch=batch))
+        return Residuals(torch.cat([p.v for p in parts]), torch.cat([p.rows for p in parts]),
+                         torch.cat([p.match_distance for p in parts]))
+
+    @torch.no_grad()
+    def residuals_of_latents(self, latents: torch.Tensor, batch: int = 64) -> Residuals:
+        """The same from TAEF2 latents of images (N, C, h, w) (e.g. a latent cache's)."""
+        from ..latent.refine import gather
+
+        T = self.secret.template_
+        clip = self.secret.config.clip
+        vs, rs, ds = [], [], []
+        for s in range(0, latents.shape[0], batch):
+            z = latents[s:s + batch].float()
             rows, dist = self.match(z)
             ref = self.ae.encode(_q8(self.ae.decode(gather(self.bank, rows))))
             v = torch.einsum("nchw,cm->nmhw", z - ref, T)
