@@ -87,7 +87,7 @@ class Models:
                 _, meta = load_artifact(p, validate=False)
             except Exception:  # noqa: BLE001 - a file that is not a model is not listed
                 continue
-            if meta.get("class") != "Generator":
+            if not str(meta.get("class", "")).endswith("Generator"):
                 continue
             fp = meta.get("fingerprint") or {}
             ops = (meta.get("provenance") or {}).get("operations") or []
