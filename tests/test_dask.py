@@ -220,3 +220,20 @@ def test_features_and_evaluate_on_dask_are_identical(client, photo_folder, taef2
     for k in ("fid", "kid", "precision", "recall", "density", "coverage"):
         assert getattr(a, k) == getattr(b, k), k
     assert a.memorization_inception == b.memorization_inception
+
+
+def test_fingerprint_readout_of_files_on_dask_is_identical(client, photo_folder, taef2):
+    """decode_image_files: what `fingerprint calibrate` (negatives) and `verify` (folders) read."""
+    from faceprint.data.folder import load_image
+    from faceprint.distributed.stages import decode_image_files
+    from faceprint.fingerprint.datalevel import BankFingerprintConfig, BankFingerprinter
+    from faceprint.fingerprint.owner import decode_images
+
+    ls, _, _ = _encode(photo_folder, taef2, None)
+    key = BankFingerprinter(BankFingerprintConfig(key_seed=1)).fit(ls.latents, taef2)
+    files = sorted(p for p in photo_folder.iterdir() if p.name != "000013b.jpg")[:10]
+    ref = decode_images(torch.stack([load_image(f, 128) for f in files]), key, taef2)
+    here = decode_image_files(files, key, taef2, batch=4)
+    there = decode_image_files(files, key, taef2, batch=4, client=client)
+    assert ref.shape == (10, 128) and ref.dtype == torch.bool
+    assert torch.equal(here, ref) and torch.equal(there, ref)

@@ -101,6 +101,8 @@ def test_the_page_end_to_end(page, server, taef2):
     page.goto(server["url"])
     page.wait_for_selector("#model-select option", state="attached")
     assert "no model yet" in page.inner_text("#model-select")
+    for idle in ("#fit-job", "#gen-job", "#fp-job", "#forget-job", "#rb-job", "#face-detail", "#verify-numbers"):
+        assert not page.is_visible(idle), idle  # no progress bar or empty panel before anything runs
     shot(page, "01-first-visit")
 
     # ---- fit from a folder on the server, browsing to it
@@ -113,6 +115,7 @@ def test_the_page_end_to_end(page, server, taef2):
     page.wait_for_selector("#fit-job:not([hidden])", timeout=10_000)
     shot(page, "02-fitting-progress")
     page.wait_for_selector("#fit-result:text('Fitted tiny.safetensors on 40 photos')")
+    assert not page.is_visible("#fit-job")  # the bar goes away when the job is done
     assert page.input_value("#model-select") == "tiny.safetensors"
     shot(page, "03-fitted")
 
