@@ -100,9 +100,9 @@ def test_the_page_end_to_end(page, server, taef2):
 
     page.goto(server["url"])
     page.wait_for_selector("#model-select option", state="attached")
-    assert "no model yet" in page.inner_text("#model-select")
+    assert "no model yet" in page.inner_text("#model-select"), page.inner_text("#model-select")
     for idle in ("#fit-job", "#gen-job", "#fp-job", "#forget-job", "#rb-job", "#face-detail", "#verify-numbers"):
-        assert not page.is_visible(idle), idle  # no progress bar or empty panel before anything runs
+        assert not page.is_visible(idle), (idle, page.eval_on_selector(idle, "e => e.outerHTML.slice(0, 300)"))  # no progress bar or empty panel before anything runs
     shot(page, "01-first-visit")
 
     # ---- fit from a folder on the server, browsing to it
