@@ -66,7 +66,7 @@ async function refreshInfo(select) {
   if (!roots.options.length) roots.replaceChildren(...info.data.map((d) => el("option", { value: d.root, text: d.name })));
   if (!info.data.length) roots.replaceChildren(el("option", { value: "", text: "none served (start with --data FOLDER)" }));
   const o = info.owner;
-  $("owner-status").textContent = `Owner: ${o.has_key ? "key present" : "no key yet"}, ${o.instances} copies issued, ` +
+  $("owner-status").textContent = `Owner: ${o.has_key ? "key present" : "no key yet"}, ${o.instances} ${o.instances === 1 ? "copy" : "copies"} issued, ` +
     (o.has_calibration ? "verification calibrated." : "verification not calibrated yet.");
   $("footer").textContent = `faceprint ${info.version} · uploads up to ${info.max_upload_mb} MB`;
   if (!info.models.length) $("fit-panel").open = true;
@@ -174,7 +174,7 @@ async function verifyFile(file) {
     const w = $("verify-words"); w.textContent = v.words; w.classList.toggle("no", !v.match);
     const rows = [["verdict", v.match ? "match" : "no match"], ["copy", v.instance || "-"], ["recipient", v.recipient || "-"],
       ["matching code bits", `${v.matching_bits} of ${v.n_bits} (a match needs ${v.threshold})`],
-      ["bit accuracy", v.bit_accuracy.toFixed(3)], ["false-positive bound", v.fpr_upper_bound.toPrecision(2)],
+      ["bit accuracy", v.bit_accuracy.toFixed(3)], ["false-positive bound", v.match ? v.fpr_upper_bound.toPrecision(2) : "- (no match)"],
       ["calibrated on", `${v.calibrated_on} images without a code`]];
     $("verify-numbers").querySelector("tbody").replaceChildren(...rows.map(([k, x]) => el("tr", {}, el("th", { text: k }), el("td", { text: x }))));
     $("verify-numbers").hidden = false;
