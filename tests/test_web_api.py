@@ -372,3 +372,14 @@ def test_config_refusals():
         ServeConfig(models="/tmp/x-models", token="short")
     with pytest.raises(ConfigError, match="--data"):
         ServeConfig(models="/tmp/x-models", data=("/no/such/folder",))
+
+
+def test_cross_site_posts_are_refused(client, fitted):
+    body = {"model": "tiny.safetensors", "n": 1}
+    _one_line_error(client.post("/api/generate", json=body, headers={"Origin": "http://evil.example"}), 403,
+                    "cross-site")
+    _one_line_error(client.post("/api/generate", json=body, headers={"Sec-Fetch-Site": "cross-site"}), 403,
+                    "cross-site")
+    r = client.post("/api/generate", json=body, headers={"Origin": "http://127.0.0.1"})
+    assert r.status_code == 202  # the page's own origin
+    wait_job(client, r.json())

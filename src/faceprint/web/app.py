@@ -38,6 +38,7 @@ class Guard:
 
     - Host header: when bound to loopback, only localhost / 127.x / [::1] names are answered
       (a web page elsewhere cannot reach the server through DNS rebinding).
+    - Origin: a POST from a page of another origin is refused (no cross-site request forgery).
     - Token: when the server has one, every request carries it (header ``Authorization: Bearer``
       or the cookie set by opening ``/?token=...``), compared in constant time.
     - Size: a request body larger than the upload limit is refused (413), from its
@@ -58,6 +59,19 @@ class Guard:
             name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
             if not is_loopback(name.strip("[]")):
                 return await _error(421, f"this server answers only to localhost addresses, not {host!r}")(
+                    scope, receive, send)
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            # a page of another site must not drive this server through the user's browser (CSRF):
+            # browsers name the page's origin on every cross-origin POST
+            origin = headers.get("origin")
+            if origin is not None:
+                from urllib.parse import urlsplit
+
+                if urlsplit(origin).netloc != headers.get("host", ""):
+                    return await _error(403, f"cross-site request from {origin!r} refused; use the page this "
+                                             "server serves")(scope, receive, send)
+            if headers.get("sec-fetch-site") == "cross-site":
+                return await _error(403, "cross-site request refused; use the page this server serves")(
                     scope, receive, send)
         if cfg.needs_token:
             from urllib.parse import parse_qs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -59,7 +59,6 @@ class ServeConfig:
     max_image_mb: float = DEFAULT_MAX_IMAGE_MB
     weights: Path | None = None
     job_threads: int = 2
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         models = Path(self.models).expanduser()
