@@ -108,7 +108,7 @@ def test_the_page_end_to_end(page, server, taef2):
     # ---- fit from a folder on the server, browsing to it
     page.click("#browse")
     page.click("#folder-list a:text('photos/')")
-    page.wait_for_selector("#folder-list:text('40 photos here')")  # the listing of photos/ arrived
+    page.wait_for_selector("#folder-list span:text('40 photos here')")  # the listing of photos/ arrived
     assert page.input_value("#fit-path") == "photos"
     page.fill("#fit-limit", "40")
     page.fill("#fit-name", "tiny")
