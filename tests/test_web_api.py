@@ -189,14 +189,20 @@ def test_owner_key_is_never_served(client, issued, env):
     for url in ("/api/info", "/api/registry", "/api/jobs"):
         body = client.get(url).content
         assert b"key.safetensors" not in body and str(env["owner"]).encode() not in body
-    # even with the owner's folder inside the models folder
+    # even with the owner's folder as the models folder, and a secret file of the keyed mechanism
+    (env["owner"] / "secret.safetensors").write_bytes(key)
     cfg = ServeConfig(models=env["owner"], owner=env["owner"], work=env["root"] / "w2")
     with TestClient(create_app(cfg), base_url="http://127.0.0.1") as c:
         assert c.get("/api/info").json()["models"] == []
-        for url in ("/files/models/key.safetensors", "/files/models/registry.sqlite",
+        for url in ("/files/models/key.safetensors", "/files/models/secret.safetensors", "/files/models/registry.sqlite",
                     "/files/models/calibration.safetensors"):
             r = c.get(url)
             assert r.status_code in (400, 403, 404) and r.content != key, url
+    (env["owner"] / "secret.safetensors").unlink()
+    # a key-named file in a served models folder outside the owner's folder is not served either
+    (env["models"] / "secret.safetensors").write_bytes(key)
+    _one_line_error(client.get("/files/models/secret.safetensors"), 403, "never served")
+    (env["models"] / "secret.safetensors").unlink()
 
 
 def test_verify_before_calibration_is_one_clear_message(client, issued, env):

@@ -20,7 +20,7 @@ import numpy as np
 from .. import render
 from ..io import atomic_path, atomic_write_text
 from .jobs import Job
-from .paths import WebError, inside
+from .paths import SECRET_NAMES, WebError, inside
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_ZIP_ENTRIES = 50_000
@@ -80,7 +80,7 @@ class Models:
         if not root.is_dir():
             return out
         for p in sorted(root.glob("*.safetensors")):
-            if p.name.startswith(".") or os.path.realpath(p).startswith(owner + os.sep) or p.name == "key.safetensors":
+            if p.name.startswith(".") or os.path.realpath(p).startswith(owner + os.sep) or p.name in SECRET_NAMES:
                 continue
             try:
                 inside(root, p.name, "model", owner=self.config.owner_folder())

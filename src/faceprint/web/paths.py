@@ -15,7 +15,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,79}$")
-SECRET_NAMES = {"key.safetensors"}
+SECRET_NAMES = {"key.safetensors", "secret.safetensors"}  # the owner's key files (datalevel, keyed)
 
 
 class WebError(Exception):
