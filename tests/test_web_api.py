@@ -4,8 +4,6 @@ verify, forget, rebalance, downloads; and the security list (traversal, symbolic
 absolute paths, token, upload size and type, the owner's key, one-line errors)."""
 
 import io
-import json
-import threading
 import time
 import zipfile
 
@@ -219,7 +217,6 @@ def test_verify_finds_the_copy_and_refuses_a_real_photo(client, issued, env, tae
     assert v["match"] and v["instance"] == "alice-copy" and v["recipient"] == "Alice", v
     assert v["bit_accuracy"] > 0.8 and 0 < v["fpr_upper_bound"] < 0.2
     assert "alice-copy" in v["words"] and "Alice" in v["words"] and "false-positive bound" in v["words"]
-    other = sorted(env["files"][0].parent.parent.glob("*"))  # noqa: F841
     from conftest import CELEBA
 
     real = sorted(CELEBA.iterdir())[500].read_bytes()  # a photo the model never saw

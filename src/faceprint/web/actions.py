@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import render
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_write_text
 from .jobs import Job
 from .paths import SECRET_NAMES, WebError, inside
 
