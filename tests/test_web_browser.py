@@ -49,6 +49,8 @@ def server(celeba_dir, tmp_path_factory):
         _missing("uvicorn is not installed")
     from faceprint.web import ServeConfig, create_app
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FACEPRINT_CACHE", str(tmp_path_factory.mktemp("latent-cache")))  # not the user's cache
     env = make_env(tmp_path_factory.mktemp("webui"))
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -66,6 +68,7 @@ def server(celeba_dir, tmp_path_factory):
     yield env
     srv.should_exit = True
     t.join(10)
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
