@@ -222,6 +222,8 @@ def test_verify_finds_the_copy_and_refuses_a_real_photo(client, issued, env, tae
     assert v["match"] and v["instance"] == "alice-copy" and v["recipient"] == "Alice", v
     assert v["bit_accuracy"] > 0.8 and 0 < v["fpr_upper_bound"] < 0.2
     assert "alice-copy" in v["words"] and "Alice" in v["words"] and "false-positive bound" in v["words"]
+    details = dict(v["details"])  # what the page's table shows
+    assert details["verdict"] == "match" and details["copy"] == "alice-copy" and "of 128" in details["matching code bits"]
     from conftest import CELEBA
 
     real = sorted(CELEBA.iterdir())[500].read_bytes()  # a photo the model never saw

@@ -103,6 +103,13 @@ def verify_image(models, config, image: Path) -> dict:
            "threshold": int(v.threshold), "fpr_upper_bound": float(v.fpr_upper_bound),
            "p_value": float(v.p_value), "nearest_instance": v.nearest_instance,
            "calibrated_on": int(cal.n_negatives)}
+    # what the page's table shows, label -> value, in this order (the page prints these only)
+    out["details"] = [
+        ["verdict", "match" if v.match else "no match"], ["copy", v.instance or "-"], ["recipient", v.recipient or "-"],
+        ["matching code bits", f"{v.matching_bits} of {v.n_bits} (a match needs {v.threshold})"],
+        ["bit accuracy", f"{v.bit_accuracy:.3f}"],
+        ["false-positive bound", f"{v.fpr_upper_bound:.2g}" if v.match else "- (no match)"],
+        ["calibrated on", f"{cal.n_negatives:,} images without a code"]]
     if v.match:
         out["words"] = (f"This image was made by the copy {v.instance!r}, issued to {v.recipient!r}. "
                         f"{v.matching_bits} of its {v.n_bits} code bits match ({v.bit_accuracy:.0%}); a match needs "

@@ -172,10 +172,7 @@ async function verifyFile(file) {
   try {
     const v = await api("POST", "/api/verify", fd);
     const w = $("verify-words"); w.textContent = v.words; w.classList.toggle("no", !v.match);
-    const rows = [["verdict", v.match ? "match" : "no match"], ["copy", v.instance || "-"], ["recipient", v.recipient || "-"],
-      ["matching code bits", `${v.matching_bits} of ${v.n_bits} (a match needs ${v.threshold})`],
-      ["bit accuracy", v.bit_accuracy.toFixed(3)], ["false-positive bound", v.match ? v.fpr_upper_bound.toPrecision(2) : "- (no match)"],
-      ["calibrated on", `${v.calibrated_on} images without a code`]];
+    const rows = v.details || []; // [label, value] pairs chosen by the server
     $("verify-numbers").querySelector("tbody").replaceChildren(...rows.map(([k, x]) => el("tr", {}, el("th", { text: k }), el("td", { text: x }))));
     $("verify-numbers").hidden = false;
   } catch (e) { showError("verify", e); }
