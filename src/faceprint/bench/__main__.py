@@ -18,7 +18,9 @@ BENCHES = {
     "scale": "fit time, memory, model size, synthesis speed and log-likelihood from 32 to 28,000 photos",
     "redteam": "the recipient as adversary: key recovery, removal, collusion and framing against the fingerprints",
     "reliability": "hostile and broken input: corpus of cases per command and kind, kill -9 trials, validation cost",
+    "scale-out": "each Dask-distributed stage in one process and on 1 and 2 local workers: time, identical output",
 }
+MODULES = {"scale-out": "scale_out"}  # bench names that are not module names
 
 
 def main(argv=None) -> int:
@@ -26,12 +28,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m faceprint.bench", description="faceprint benchmarks")
     sub = parser.add_subparsers(dest="name", metavar="NAME")
     sub.required = True
-    available = {n: h for n, h in BENCHES.items() if importlib.util.find_spec(f"{__package__}.{n}") is not None}
+    available = {n: h for n, h in BENCHES.items() if importlib.util.find_spec(f"{__package__}.{MODULES.get(n, n)}") is not None}
     modules = {}
     for name, text in available.items():
         p = sub.add_parser(name, help=text)
         if argv and argv[0] == name:  # import only the benchmark asked for
-            modules[name] = importlib.import_module(f"{__package__}.{name}")
+            modules[name] = importlib.import_module(f"{__package__}.{MODULES.get(name, name)}")
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     return modules[args.name].run(args)

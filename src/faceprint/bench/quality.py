@@ -86,6 +86,9 @@ def add_arguments(p) -> None:
                    help="an earlier quality JSON whose rows named by --carry are reused, not recomputed (for rows "
                         "whose code and seed did not change; marked in the table)")
     p.add_argument("--carry", default="", help="comma-separated methods to take from --carry-over")
+    from ..cli.main import add_dask_option
+
+    add_dask_option(p, "encode the photos, decode the faces and take their Inception features")
 
 
 def _data_dir(args) -> Path:
@@ -97,14 +100,21 @@ def _data_dir(args) -> Path:
     return data
 
 
-def _encode_range(data, first, last, ae):
+def _encode_range(data, first, last, ae, client=None):
     from ..data import FaceFolder, LatentCache, encode_folder
 
     folder = FaceFolder(data, size=128, limit=last)
-    return encode_folder(folder, ae, cache=LatentCache()), None
+    return encode_folder(folder, ae, cache=LatentCache(), client=client), None
 
 
 def run(args) -> int:
+    from ..distributed.cluster import open_client
+
+    with open_client(getattr(args, "dask", None)) as client:
+        return _run(args, client)
+
+
+def _run(args, client) -> int:
     from .. import render
     from ..autoencoder import TAEF2
     from ..latent.generator import Generator, GeneratorConfig
@@ -130,7 +140,7 @@ def run(args) -> int:
 
     # ---------------------------------------------------------------- data and reference features
     t0 = time.perf_counter()
-    all_ls, _ = _encode_range(data, 1, REF_LAST, ae)
+    all_ls, _ = _encode_range(data, 1, REF_LAST, ae, client)
     timing["encode all photos (cache)"] = time.perf_counter() - t0
     lat_all = all_ls.latents
     names = [int(Path(r).stem) for r in all_ls.relpaths]
@@ -246,16 +256,25 @@ def run(args) -> int:
                     redrawn += int((smp.redraws > 0).sum())
                 over_guard += int(_over_guard(gen, z, smp.provenance).sum())
             t1 = time.perf_counter()
+            t_samp += t1 - t0
+            lats.append(z.reshape(m, -1))
+            if prov is not None:
+                provs.append(prov)
+            if client is not None:  # decoded and featurised on the Dask workers after the loop
+                if s == 0:
+                    sheet.append(render.to_uint8(ae.decode(z[:10])))
+                continue
             imgs = ae.decode(z)
             t2 = time.perf_counter()
             feats.append(inc.features(imgs))
             t3 = time.perf_counter()
-            t_samp, t_dec, t_feat = t_samp + t1 - t0, t_dec + t2 - t1, t_feat + t3 - t2
-            lats.append(z.reshape(m, -1))
-            if prov is not None:
-                provs.append(prov)
+            t_dec, t_feat = t_dec + t2 - t1, t_feat + t3 - t2
             if s == 0:
                 sheet.append(render.to_uint8(imgs[:10]))
+        if client is not None:
+            t0 = time.perf_counter()
+            feats = [_dask_features(torch.cat(lats).reshape(n, *lat_all.shape[1:]), ae, inc, client, args.batch)]
+            t_dec = time.perf_counter() - t0  # decoding and features together, on the cluster
         F = np.concatenate(feats)
         L = torch.cat(lats)
         row = {"n": n, "ms_per_image_latent": t_samp / n * 1000, "ms_per_image_decode": t_dec / n * 1000,
@@ -303,7 +322,9 @@ def run(args) -> int:
         for s in range(0, args.sweep_n, args.batch):
             m = min(args.batch, args.sweep_n - s)
             smp = gen.sample_latents(m, seed=args.seed, start=s, rank_temperature=lam)
-            feats.append(inc.features(ae.decode(smp.latents)))
+            feats.append(smp.latents if client is not None else inc.features(ae.decode(smp.latents)))
+        if client is not None:
+            feats = [_dask_features(torch.cat(feats), ae, inc, client, args.batch)]
         F = np.concatenate(feats)
         pr = precision_recall(ref_feat, F, k=3)
         sweep.append({"lambda": lam, "fid": fid(F, ref_feat), "precision": float(pr[0]), "recall": float(pr[1]),
@@ -325,6 +346,14 @@ def run(args) -> int:
     _plot_pareto(doc, methods, stem.parent / f"{stem.name}-pareto.png", proto.name)
     print(f"\nwrote {stem}.json, {stem}.md, {stem.name}-samples.png" + (f", {stem.name}-lambda.png" if sweep else ""))
     return 0
+
+
+def _dask_features(latents, ae, inc, client, batch: int):
+    """Decode + Inception features of latents (N, C, h, w) on the Dask workers (identical values)."""
+    from ..distributed.stages import features
+
+    return features(latents, autoencoder=ae, inception=inc, client=client, chunk_size=batch, bar=True,
+                    desc="decode and features")
 
 
 def _variant(gen, overrides: dict):

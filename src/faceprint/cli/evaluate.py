@@ -21,6 +21,9 @@ def register(sub, *, common) -> None:
                    help="use at most this many real photos (default 5000)")
     p.add_argument("--batch", type=_bounded_int(1, 4096, "a batch size"), default=250, help="faces per chunk (default 250)")
     p.add_argument("--json", type=Path, default=None, help="also write every number as JSON to this file")
+    from .main import add_dask_option
+
+    add_dask_option(p, "decode the faces and take the Inception features")
     common(p)
     p.set_defaults(handler=cmd_evaluate)
 
@@ -45,8 +48,11 @@ def cmd_evaluate(args) -> int:
         raise InputError(f"-n must be at least 2 to compute FID, got {args.n}")
     gen = Generator.load(args.model, weights=args.weights)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    ev = evaluate_generator(gen, args.real, n=args.n, seed=args.seed, real_limit=args.real_limit, batch=args.batch,
-                            progress=say)
+    from ..distributed.cluster import open_client
+
+    with open_client(args.dask) as client:
+        ev = evaluate_generator(gen, args.real, n=args.n, seed=args.seed, real_limit=args.real_limit, batch=args.batch,
+                                progress=say, client=client)
     mi, ml = ev.memorization_inception, ev.memorization_latent
     rows = [
         ["generated faces", ev.n_generated],

@@ -110,6 +110,23 @@ def _guard(args):
     return CopyGuard(quantile=getattr(args, "guard_quantile", 0.05), max_share=getattr(args, "max_share", 0.5))
 
 
+def _dask_spec(text: str):
+    from ..distributed.cluster import parse_dask
+
+    try:
+        return parse_dask(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dask ")) from None
+
+
+def add_dask_option(p: argparse.ArgumentParser, what: str) -> None:
+    """--dask SCHEDULER|local[:WORKERS] (faceprint.distributed), for commands with parallel stages."""
+    p.add_argument("--dask", type=_dask_spec, default=None, metavar="SCHEDULER|local[:WORKERS]",
+                   help=f"{what} on a Dask cluster, in chunks (same result as one process): local[:WORKERS] "
+                        "starts worker processes on this machine (127.0.0.1), an address such as "
+                        "tcp://10.0.0.5:8786 joins a running `dask scheduler`")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, default=None,
                    help="folder with taef2_encoder.pth and taef2_decoder.pth (default: $FACEPRINT_WEIGHTS, "
@@ -134,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="folder of aligned face photos (JPEG/PNG/WebP, searched recursively)")
     p.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.safetensors)")
     _add_fit_options(p)
+    add_dask_option(p, "encode the photos")
     _add_common(p)
 
     p = sub.add_parser("generate", help="generate faces with a fitted model")
@@ -179,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTENSIONS = ("evaluate", "protect", "control")
+EXTENSIONS = ("evaluate", "protect", "control", "serve")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -201,11 +219,14 @@ def _fit_model(args, folder: Path, *, limit, size=128, labels=None, strict=False
 
     t0 = time.perf_counter()
     ae = TAEF2.load(args.weights)
+    from ..distributed.cluster import open_client
+
     cache = False if args.no_cache else LatentCache(args.cache_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedImageWarning)
         folder_obj = FaceFolder(folder, size=size, labels=labels, strict=strict, limit=limit)
-        latent_set = encode_folder(folder_obj, ae, cache=cache, progress=_progress(args))
+        with open_client(getattr(args, "dask", None)) as client:
+            latent_set = encode_folder(folder_obj, ae, cache=cache, progress=_progress(args), client=client)
     skipped = [w for w in caught if issubclass(w.category, SkippedImageWarning)]
     for w in skipped[:20]:
         _say(args, str(w.message))

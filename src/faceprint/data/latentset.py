@@ -116,7 +116,8 @@ def _resolve_cache(cache) -> LatentCache | None:
 
 
 def encode_folder(
-    folder: FaceFolder, autoencoder, *, cache=None, batch_size: int | None = None, progress: bool = False
+    folder: FaceFolder, autoencoder, *, cache=None, batch_size: int | None = None, progress: bool = False,
+    client=None, on_progress=None,
 ) -> LatentSet:
     """Encode every usable photo of ``folder`` once, reusing cached latents.
 
@@ -132,6 +133,12 @@ def encode_folder(
         Photos per ``encode`` call; None: 16 at 128 px (64 at 64 px, 4 at 256 px).
     progress : bool
         Show a progress bar (only on a terminal).
+    client : distributed.Client, optional
+        Decode and encode the photos that are not cached on this Dask cluster's workers, in
+        chunks (:mod:`faceprint.distributed`); the latents are identical to a run without it.
+        The workers must read the photos at the same paths.
+    on_progress : callable(done, total), optional
+        Called as photos to encode are done (not cached ones only; for a progress display).
 
     Returns
     -------
@@ -191,23 +198,24 @@ def encode_folder(
     # 3. decode + encode what is missing, each distinct content once
     todo = [i for h, i in unique.items() if h not in latent_of]
     bad_content: dict[str, str] = {}
-    if todo:
+    if todo and client is not None:
+        _encode_distributed(folder, autoencoder, todo, batch_size, client, progress, on_progress, hashes,
+                            bad_content, store, prep, enc_key, latent_of, ae_id)
+    elif todo:
         pos = {r: i for i, r in enumerate(folder.relpaths)}
+        done = 0
         for batch in folder._decode_iter(todo, batch_size, progress, torch.float32):
             for rel, reason in batch.skipped:
                 bad_content[hashes[pos[rel]]] = reason  # type: ignore[index]
+            done += len(batch.skipped) + len(batch.indices)
+            if on_progress is not None:
+                on_progress(done, len(todo))
             if not batch.indices:
                 continue
             with torch.no_grad():
                 z = autoencoder.encode(batch.images)
             z = _check_latents(z, len(batch.indices), ae_id)
-            hs = [hashes[i] for i in batch.indices]
-            if store is not None:
-                store.put_many((CacheKey(h, prep, enc_key), z[j]) for j, h in enumerate(hs))
-                if store.enabled and store.dtype == "float16":
-                    z = z.to(torch.float16).to(torch.float32)  # what the cache returns next time
-            for j, h in enumerate(hs):
-                latent_of[h] = z[j].clone()
+            _keep(z, [hashes[i] for i in batch.indices], store, prep, enc_key, latent_of)
 
     # 4. assemble in file order
     kept: list[int] = []
@@ -247,6 +255,49 @@ def encode_folder(
         autoencoder_id=ae_id,
         skipped=skipped,
     )
+
+
+def _keep(z: torch.Tensor, hs: list, store, prep: str, enc_key: str, latent_of: dict) -> None:
+    """Store freshly encoded latents z (B, C, h, w) of contents hs in the cache and in latent_of."""
+    if store is not None:
+        store.put_many((CacheKey(h, prep, enc_key), z[j]) for j, h in enumerate(hs))
+        if store.enabled and store.dtype == "float16":
+            z = z.to(torch.float16).to(torch.float32)  # what the cache returns next time
+    for j, h in enumerate(hs):
+        latent_of[h] = z[j].clone()
+
+
+# photos per Dask task: a few encoder batches, so each task's work outweighs its overhead
+DISTRIBUTED_BATCHES_PER_CHUNK = 4
+
+
+def _encode_distributed(folder, autoencoder, todo, batch_size, client, progress, on_progress, hashes, bad_content,
+                        store, prep, enc_key, latent_of, ae_id) -> None:
+    """Step 3 of encode_folder on Dask workers (faceprint.distributed): chunks of photo files are
+    decoded and encoded there, exactly as in one process (TAEF2 gives a photo the same latent in
+    any batch); skipped files are reported here, in file order."""
+    from ..distributed.chunks import map_chunks
+    from ..distributed.stages import encode_file_chunk
+
+    paths = [str(folder.paths[i]) for i in todo]
+    results = map_chunks(encode_file_chunk, paths, chunk_size=batch_size * DISTRIBUTED_BATCHES_PER_CHUNK,
+                         client=client, shared=(autoencoder, folder.size, folder.max_pixels, folder.min_side,
+                                                batch_size),
+                         progress=on_progress, bar=progress, desc="encoding photos", name="encode")
+    chunk = batch_size * DISTRIBUTED_BATCHES_PER_CHUNK
+    for c, (kept, z, skipped) in enumerate(results):
+        base = c * chunk
+        for j, reason in skipped:
+            i = todo[base + j]
+            if folder.strict:
+                raise BadImageError(folder.paths[i], reason)
+            bad_content[hashes[i]] = reason  # type: ignore[index]
+            warnings.warn(SkippedImageWarning(f"skipped photo {folder.relpaths[i]!r} in {str(folder.root)!r}: {reason}"),
+                          stacklevel=3)
+        if z is None:
+            continue
+        z = _check_latents(z, len(kept), ae_id)
+        _keep(z, [hashes[todo[base + j]] for j in kept], store, prep, enc_key, latent_of)
 
 
 def _check_latents(z, b: int, ae_id: str) -> torch.Tensor:
