@@ -90,6 +90,7 @@ def test_keyed_instances_verify_to_their_recipient_and_nothing_else_matches(keye
 
 def test_the_released_file_holds_no_owner_secret_and_its_mixture_spans_the_marked_bank(keyed_owner):
     from faceprint.autoencoder import TAEF2
+    from faceprint.fingerprint.keyed import project_on_mixture
     from faceprint.latent.generator import Generator
 
     root, m, ow = keyed_owner
@@ -105,21 +106,9 @@ def test_the_released_file_holds_no_owner_secret_and_its_mixture_spans_the_marke
     inst = Generator.load(root / "alice.safetensors", autoencoder=ae)
     base = Generator.load(m, autoencoder=ae)
 
-    def projected(gen, bank):
-        mix, pj = gen.mixture_, gen.projector_
-        Y = pj.transform(bank.float())
-        shp = Y.shape
-        Y = Y.reshape(Y.shape[0], -1).double()
-        out = Y.clone()
-        for k in range(mix.weights_.numel()):
-            mem = torch.nonzero(mix.labels_ == k).squeeze(1)
-            U, mu = mix.eigvecs_[k].double(), mix.means_[k].double()
-            out[mem] = mu + ((Y[mem] - mu) @ U) @ U.T
-        return pj.inverse(out.float().reshape(shp))
-
     mark = inst.bank_.float() - base.bank_.float()
-    kept_own = ((projected(inst, inst.bank_) - base.bank_.float()) * mark).sum() / mark.pow(2).sum()
-    kept_base = ((projected(base, inst.bank_) - base.bank_.float()) * mark).sum() / mark.pow(2).sum()
+    kept_own = ((project_on_mixture(inst, inst.bank_) - base.bank_.float()) * mark).sum() / mark.pow(2).sum()
+    kept_base = ((project_on_mixture(base, inst.bank_) - base.bank_.float()) * mark).sum() / mark.pow(2).sum()
     assert kept_own > 0.95  # the released subspaces contain the marked rows
     assert kept_base < 0.5  # the base model's subspaces would have stripped most of it
 

@@ -147,10 +147,11 @@ def test_the_page_end_to_end(page, server, taef2):
     assert "Issued alice-copy to Alice" in page.inner_text("#fp-result")
     shot(page, "06-issued")
 
-    # ---- verify before any calibration: one clear message
+    # ---- verify before any calibration: a real photo is not recognised, the bound not yet checked
     photo = sorted(CELEBA.iterdir())[700]
     page.set_input_files("#verify-file", str(photo))
-    page.wait_for_selector("#verify-error:text('not calibrated')")
+    page.wait_for_selector("#verify-words:text('Not recognised')")
+    assert "not yet checked" in page.inner_text("#verify-numbers")
     shot(page, "07-verify-not-calibrated")
 
     # ---- calibrate (library, small), then verify a face of Alice's copy and a real photo
@@ -168,8 +169,8 @@ def test_the_page_end_to_end(page, server, taef2):
     page.set_input_files("#verify-file", str(face))
     page.wait_for_selector("#verify-words:text('made by the copy')")
     words = page.inner_text("#verify-words")
-    assert "'alice-copy'" in words and "'Alice'" in words and "false-positive bound" in words
-    assert "bit accuracy" in page.inner_text("#verify-numbers")
+    assert "'alice-copy'" in words and "'Alice'" in words and "a match needs" in words
+    assert "score" in page.inner_text("#verify-numbers") and "checked on" in page.inner_text("#verify-numbers")
     shot(page, "08-verified-alice")
     page.set_input_files("#verify-file", str(photo))
     page.wait_for_selector("#verify-words:text('Not recognised')")

@@ -53,22 +53,16 @@ def wait_job(client, job: dict, timeout: float = 300) -> dict:
 
 
 def calibrate_owner(owner_dir: Path, model_path: Path, photos: list[Path], taef2) -> None:
-    """A small calibration for the tests (the real one wants >= 10,000 negatives): the given
-    real photos plus faces of the unfingerprinted model, through the library's own functions."""
-    import torch
+    """A small keyed-bank calibration for the tests (a real one uses thousands of negatives): the
+    given real photos plus faces of the unfingerprinted model, through the command line."""
+    import tempfile
 
-    from faceprint.data.folder import load_image
-    from faceprint.fingerprint.owner import Owner, calibrate, decode_images
-    from faceprint.fingerprint.verification import CalibrationConfig
-    from faceprint.latent.generator import Generator
+    from faceprint.cli.main import main
 
-    owner = Owner(owner_dir)
-    key = owner.load_key()
-    gen = Generator.load(model_path, autoencoder=taef2)
-    real = torch.stack([load_image(p, 128) for p in photos])
-    faces = taef2.decode(gen.sample_latents(120, seed=7).latents)
-    faces = (faces.clamp(0, 1) * 255).round() / 255
-    decoded = torch.cat([decode_images(real, key, taef2), decode_images(faces, key, taef2)])
-    cal = calibrate(decoded, seed=0, description="test negatives",
-                    config=CalibrationConfig(target_fpr=0.2, min_negatives=len(decoded)))
-    cal.save(owner.calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        neg = Path(tmp)
+        for p in photos:
+            (neg / p.name).symlink_to(p)
+        code = main(["fingerprint", "calibrate", str(model_path), "--negatives", str(neg), "--faces", "16",
+                     "--instances", "0", "--min-negatives", "1", "--owner", str(owner_dir), "-q"])
+        assert code == 0

@@ -99,7 +99,7 @@ def run(args) -> int:
     from ..data import FaceFolder, LatentCache, encode_folder
     from ..fingerprint.datalevel import BankFingerprintConfig, BankFingerprinter, fingerprint_bank_instance
     from ..fingerprint.keyed import (BaseIndex, OwnerSecret, fingerprint_keyed_instance, normal_tail,
-                                     pattern_rows, threshold_for)
+                                     pattern_rows, project_on_mixture, threshold_for)
     from ..fingerprint.registry import code_to_hex, random_code
     from ..latent.generator import Generator, GeneratorConfig
     from ..latent.refine import gather
@@ -147,7 +147,7 @@ def run(args) -> int:
     inception = None
     ref_feat = None
     if args.fid_n:
-        from ..metrics import InceptionFeatures, fid
+        from ..metrics import InceptionFeatures
         from .taming import _reference_features
 
         inception = InceptionFeatures.load()
@@ -280,18 +280,6 @@ def run(args) -> int:
     bank_attack("carriers replaced by their prediction from the other directions",
                 inst[4].bank_.float() - torch.einsum("cm,nmhw->nchw", Vd, est))
 
-    def project_on_mixture(gen_of_subspaces, bank):
-        mix, pj = gen_of_subspaces.mixture_, gen_of_subspaces.projector_
-        Y = pj.transform(bank.float())
-        shp = Y.shape
-        Y = Y.reshape(N, -1).double()
-        out = Y.clone()
-        for k in range(mix.weights_.numel()):
-            mem = torch.nonzero(mix.labels_ == k).squeeze(1)
-            U, mu = mix.eigvecs_[k].double(), mix.means_[k].double()
-            out[mem] = mu + ((Y[mem] - mu) @ U) @ U.T
-        return pj.inverse(out.float().reshape(shp))
-
     bank_attack("projection on the released mixture's member subspaces", project_on_mixture(inst[4], inst[4].bank_))
     # the same attack on an instance issued without re-estimating the mixture (the earlier behaviour)
     import copy as _copy
@@ -348,31 +336,21 @@ def run(args) -> int:
             "per-row mix": torch.stack(banks)[pick_row, torch.arange(N)],
             "per-pixel mix": torch.stack(banks).gather(0, pick_pix.expand(N, C, h, w).unsqueeze(0)).squeeze(0),
         }
-        for vname, bank in variants.items():
-            xa = _q8(ae.decode(gather(bank, prov)))
+        faces_by = {vname: _q8(ae.decode(gather(bank, prov))) for vname, bank in variants.items()}
+        faces_by["average of faces (same seeds)"] = _q8(sum(_q8(ae.decode(gather(b, prov))) for b in banks) / c)
+        for vname, xa in faces_by.items():
             s = scores(xa)
             acc = float((s[:, :c].max(1).values >= thr).float().mean())
             inn = int((s[:, innocent] >= thr).sum())
             innocent_hits += inn
             innocent_total += s[:, innocent].numel()
             framing_scores.append(s[:, innocent].flatten())
+            weakest = float(s[:, :c].median(0).values.min())
             doc["collusion"].append({"colluders": c, "attack": vname, "colluder accused": acc,
-                                     "min colluder median T": float(s[:, :c].median(0).values.min()),
-                                     "innocent accusations": inn, "innocent pairs": s[:, innocent].numel()})
-            col_rows.append([c, vname, f"{acc:.1%}", f"{float(s[:, :c].median(0).values.min()):.1f}",
-                             f"{inn} of {s[:, innocent].numel()}", f"{_psnr(xa, x_clean):.1f}"])
-        xs = [_q8(ae.decode(gather(b, prov))) for b in banks]
-        xa = _q8(sum(xs) / c)
-        s = scores(xa)
-        acc = float((s[:, :c].max(1).values >= thr).float().mean())
-        inn = int((s[:, innocent] >= thr).sum())
-        innocent_hits += inn
-        innocent_total += s[:, innocent].numel()
-        framing_scores.append(s[:, innocent].flatten())
-        col_rows.append([c, "average of faces (same seeds)", f"{acc:.1%}", f"{float(s[:, :c].median(0).values.min()):.1f}",
-                         f"{inn} of {s[:, innocent].numel()}", f"{_psnr(xa, x_clean):.1f}"])
-        doc["collusion"].append({"colluders": c, "attack": "average of faces", "colluder accused": acc,
-                                 "innocent accusations": inn})
+                                     "min colluder median T": weakest, "innocent accusations": inn,
+                                     "innocent pairs": s[:, innocent].numel()})
+            col_rows.append([c, vname, f"{acc:.1%}", f"{weakest:.1f}", f"{inn} of {s[:, innocent].numel()}",
+                             f"{_psnr(xa, x_clean):.1f}"])
     _table(f"Collusion (faces of colluders' mixes; an accusation is T >= {thr:.2f})",
            ["colluders", "attack", "a colluder accused", "weakest colluder's median T", "innocents accused",
             "PSNR to one colluder's faces (dB)"], col_rows, md)

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from ..errors import ArtifactError, ConfigError, InputError, NotFittedError
 from ..io import load_artifact, now_iso, save_artifact
 
-__all__ = ["KeyedConfig", "OwnerSecret", "KEYED_MECHANISM", "fingerprint_keyed_instance", "Residuals",
+__all__ = ["KeyedConfig", "OwnerSecret", "KEYED_MECHANISM", "fingerprint_keyed_instance", "project_on_mixture", "Residuals",
            "instance_key", "pattern_rows", "normal_tail", "sidak"]
 
 KEYED_MECHANISM = "keyed-bank"
@@ -293,6 +293,22 @@ def refit_mixture(gen, bank: torch.Tensor) -> None:
     mix._m_step(Y, resp)
     mix.astype(old_dtype)
     gen.mixture_ = mix
+
+
+def project_on_mixture(gen, bank: torch.Tensor) -> torch.Tensor:
+    """``bank`` (N, C, h, w) with each row projected on its component's released member subspace
+    (mean + span of the stored eigenvectors): a recipient's removal attack on any bank mark. On
+    an instance whose mixture was fitted on the clean bank this returns (almost) the clean bank."""
+    mix, pj = gen.mixture_, gen.projector_
+    Y = pj.transform(bank.float())
+    shp = Y.shape
+    Y = Y.reshape(shp[0], -1).double()
+    out = Y.clone()
+    for k in range(mix.weights_.numel()):
+        mem = torch.nonzero(mix.labels_ == k).squeeze(1)
+        U, mu = mix.eigvecs_[k].double(), mix.means_[k].double()
+        out[mem] = mu + ((Y[mem] - mu) @ U) @ U.T
+    return pj.inverse(out.float().reshape(shp))
 
 
 def fingerprint_keyed_instance(gen, secret: OwnerSecret, code_hex: str, info: dict | None = None):

@@ -32,7 +32,10 @@ def status(config) -> dict:
                 n = len(r)
         except Exception:  # noqa: BLE001 - an unreachable registry shows as 0, verify says why
             n = 0
-    return {"has_key": owner.key_path.is_file(), "has_calibration": Path(owner.calibration).is_file(), "instances": n}
+    keyed = owner.secret_path.is_file()
+    return {"has_key": owner.key_path.is_file() or keyed, "mechanism": "keyed-bank" if keyed else "datalevel-bank",
+            "has_calibration": Path(owner.calibration).is_file() or (owner.folder / "calibration-keyed.json").is_file(),
+            "instances": n}
 
 
 def issue_job(models, config, name: str, recipient: str, instance: str, output: Path):
@@ -78,6 +81,46 @@ def _rate_words(p: float) -> str:
     return f"at most about 1 time in {max(1, round(1 / p)):,}"
 
 
+def _verify_keyed(models, owner, entries, image: Path) -> dict:
+    """keyed-bank: the instance whose secret pattern the image carries, with an exact bound."""
+    import json
+
+    from ..data.folder import load_image
+    from ..fingerprint.owner import verify_keyed
+
+    x = load_image(image, 128)[None]
+    v = verify_keyed(x, owner, entries, models.autoencoder())[0]
+    cal_path = owner.folder / "calibration-keyed.json"
+    measured = None
+    if cal_path.is_file():
+        try:
+            measured = json.loads(cal_path.read_text())
+        except (OSError, ValueError):
+            measured = None
+    checked = (f"checked on {measured['pairs']:,} (image, code) pairs of images without this mark: scores had mean "
+               f"{measured['mean']:.2f} and spread {measured['std']:.2f}, as expected 0 and 1") if measured else \
+        "not yet checked on your own images (`faceprint fingerprint calibrate MODEL --negatives PHOTOS/`)"
+    out = {"match": bool(v.match), "instance": v.instance, "recipient": v.recipient, "score": v.score,
+           "threshold": v.threshold, "fpr_upper_bound": v.fpr_bound, "p_value": v.p_value,
+           "nearest_instance": v.nearest_instance, "registry_size": v.registry_size}
+    out["details"] = [
+        ["verdict", "match" if v.match else "no match"], ["copy", v.instance or "-"], ["recipient", v.recipient or "-"],
+        ["score", f"{v.score:.1f} (a match needs {v.threshold:.2f}; images of other copies score about 0 +- 1)"],
+        ["false-accusation bound", f"{v.fpr_bound:.2g} per image, over {v.registry_size} recipients" if v.match
+         else "- (no match)"],
+        ["bound checked", checked]]
+    if v.match:
+        out["words"] = (f"This image was made by the copy {v.instance!r}, issued to {v.recipient!r}: it carries that "
+                        f"copy's secret mark with a score of {v.score:.1f}, and a match needs {v.threshold:.2f}. "
+                        f"The chance that an image not made by any given copy is pinned on one of the "
+                        f"{v.registry_size} recipients is {_rate_words(v.fpr_bound)} per image.")
+    else:
+        out["words"] = (f"Not recognised: no copy issued from this server made this image, as far as its marks can "
+                        f"tell. The closest copy, {v.nearest_instance!r}, scores {v.score:.1f}; a match needs "
+                        f"{v.threshold:.2f} (images that carry no mark score about 0).")
+    return out
+
+
 def verify_image(models, config, image: Path) -> dict:
     """The verdict for one image file, with a sentence a non-expert can read."""
     from ..data.folder import load_image
@@ -85,6 +128,11 @@ def verify_image(models, config, image: Path) -> dict:
     from ..fingerprint.verification import verify
 
     owner = owner_of(config)
+    if owner.secret_path.is_file():
+        with owner.open_registry(create=False) as reg:
+            entries = reg.all()
+        if any(e.mechanism == "keyed-bank" for e in entries):
+            return _verify_keyed(models, owner, entries, image)
     if not owner.key_path.is_file():
         raise WebError(409, "no fingerprint key on this server yet: issue a fingerprinted copy first (section "
                             "'Fingerprinted copies'); only images of issued copies can be recognised")
