@@ -415,8 +415,10 @@ def run(args) -> int:
     # ------------------------------------------------------------------ write
     doc["minutes"] = (time.perf_counter() - t_start) / 60
     head = ["# Red team: the recipient against the fingerprint (`python -m faceprint.bench redteam`)", "",
-            f"Command: `python -m faceprint.bench redteam --out OUT --faces {args.faces} --fid-n {args.fid_n} "
-            f"--seed {args.seed}` ({doc['minutes']:.0f} min).", "", "| item | value |", "|---|---|"]
+            f"Command: `python -m faceprint.bench redteam --out OUT --train {args.train} --faces {args.faces} "
+            f"--fid-n {args.fid_n} --framing-faces {args.framing_faces} --negatives {getattr(args, 'negatives', 0)} "
+            f"--target-fpr {args.target_fpr:g} --seed {args.seed}` ({doc['minutes']:.0f} min; the machine was shared "
+            "with other jobs: times are contended).", "", "| item | value |", "|---|---|"]
     head += [f"| {k} | {v} |" for k, v in info.items()]
     text = "\n".join(head + md) + "\n"
     from ..io import atomic_write_text
