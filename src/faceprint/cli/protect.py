@@ -54,8 +54,9 @@ def register(sub, *, common) -> None:
     c.add_argument("--faces-per-instance", type=_bounded_int(1, 1_000_000, "a number of faces"), default=250)
     c.add_argument("--target-fpr", type=fpr, default=1e-3,
                    help="largest false-positive rate accepted per verified image (default 1e-3)")
-    c.add_argument("--min-negatives", type=_positive_int, default=10000,
-                   help="refuse to calibrate on fewer negatives (default 10000; lower it only knowingly)")
+    c.add_argument("--min-negatives", type=_positive_int, default=None,
+                   help="refuse to calibrate on fewer negatives (default 10000 for datalevel-bank, whose threshold "
+                        "rests on them; 1000 for keyed-bank, where they check an exact bound; lower it only knowingly)")
     c.add_argument("--seed", type=_seed, default=0)
     owner_options(c)
     common(c)
@@ -212,7 +213,7 @@ def cmd_calibrate(args) -> int:
         parts["other instances' faces"] = torch.cat(inst)
     decoded = torch.cat(list(parts.values()))
     desc = ", ".join(f"{len(v)} {k}" for k, v in parts.items())
-    cal = calibrate(decoded, seed=args.seed, description=desc, config=CalibrationConfig(target_fpr=args.target_fpr, min_negatives=args.min_negatives))
+    cal = calibrate(decoded, seed=args.seed, description=desc, config=CalibrationConfig(target_fpr=args.target_fpr, min_negatives=args.min_negatives or 10000))
     owner.folder.mkdir(parents=True, exist_ok=True)
     cal.save(owner.calibration)
     h = cal.histogram
@@ -255,9 +256,10 @@ def _calibrate_keyed(args, owner) -> int:
         raise InputError(f"{str(args.model)!r} is a fingerprinted instance; calibrate with the model the instances were issued from")
     files = _image_files(args.negatives, say=lambda m: _say(args, m))
     total = len(files) + args.faces + args.instances * args.faces_per_instance
-    if total < args.min_negatives:
+    minimum = args.min_negatives or 1000
+    if total < minimum:
         raise InputError(f"{total} negatives ({len(files)} photos + {args.faces} faces + {args.instances} x "
-                         f"{args.faces_per_instance} instance faces) is fewer than --min-negatives {args.min_negatives}; "
+                         f"{args.faces_per_instance} instance faces) is fewer than --min-negatives {minimum}; "
                          "add photos or faces, or lower --min-negatives knowingly")
     index = BaseIndex(gen.bank_, ae, secret)
     g = make_generator(args.seed, "keyed-calibration-codes")
