@@ -369,7 +369,8 @@ def run(args) -> int:
         for i in range(args.instances):
             name = f"instance-{i:03d}"
             entry, inst = issue_instance(gen, model_hash, owner, f"recipient-{i:03d}", name,
-                                         seed=derive_seed(seed, "attribution-code", i), key_seed=seed)
+                                         seed=derive_seed(seed, "attribution-code", i), key_seed=seed,
+                                         mechanism=MECHANISM)
             if key is None:
                 key = owner.load_key()
             ta = time.perf_counter()
