@@ -166,6 +166,27 @@ def _decode_files(files, key, ae, batch=64, crop_search=None, sizes=None):
     return torch.cat(out)
 
 
+def _calibration_faces(args, gen, ae, read, make_instance, parts, verb: str) -> None:
+    """Negatives made by the model itself: ``args.faces`` faces of the unfingerprinted model and
+    ``args.faces_per_instance`` of each of ``args.instances`` unregistered instances
+    (``make_instance(j)``), 8-bit as saved, each batch passed through ``read`` (images -> rows)."""
+    import torch
+
+    def faces(g, n, seed):
+        out = []
+        for s in range(0, n, 64):
+            imgs = ae.decode(g.sample_latents(min(64, n - s), seed=seed, start=s).latents.float())
+            out.append(read((imgs.clamp(0, 1) * 255).round() / 255))  # as saved to an 8-bit file, which verify reads
+        return torch.cat(out) if out else None
+
+    if args.faces:
+        _say(args, f"{verb} {args.faces} faces of the unfingerprinted model")
+        parts["unfingerprinted faces"] = faces(gen, args.faces, args.seed)
+    if args.instances:
+        parts["other instances' faces"] = torch.cat([faces(make_instance(j), args.faces_per_instance, args.seed + 1 + j)
+                                                     for j in range(args.instances)])
+
+
 def cmd_calibrate(args) -> int:
     import torch
 
@@ -193,24 +214,9 @@ def cmd_calibrate(args) -> int:
     _say(args, f"decoding {len(files)} negative photos")
     parts = {"photos": _decode_files(files, key, ae)}
 
-    def faces(g, n, seed):
-        out = []
-        for s in range(0, n, 250):
-            imgs = ae.decode(g.sample_latents(min(250, n - s), seed=seed, start=s).latents)
-            imgs = (imgs.clamp(0, 1) * 255).round() / 255  # as saved to an 8-bit file, which is what verify reads
-            out.append(decode_images(imgs, key, ae))
-        return torch.cat(out) if out else torch.zeros(0, 128, dtype=torch.bool)
-
-    if args.faces:
-        _say(args, f"decoding {args.faces} faces of the unfingerprinted model")
-        parts["unfingerprinted faces"] = faces(gen, args.faces, args.seed)
-    if args.instances:
-        g = make_generator(args.seed, "calibration-instances")
-        inst = []
-        for j in range(args.instances):
-            ig = fingerprint_bank_instance(gen, key, random_code(generator=g))
-            inst.append(faces(ig, args.faces_per_instance, args.seed + 1 + j))
-        parts["other instances' faces"] = torch.cat(inst)
+    g = make_generator(args.seed, "calibration-instances")
+    _calibration_faces(args, gen, ae, lambda x: decode_images(x, key, ae),
+                       lambda j: fingerprint_bank_instance(gen, key, random_code(generator=g)), parts, "decoding")
     decoded = torch.cat(list(parts.values()))
     desc = ", ".join(f"{len(v)} {k}" for k, v in parts.items())
     cal = calibrate(decoded, seed=args.seed, description=desc, config=CalibrationConfig(target_fpr=args.target_fpr, min_negatives=args.min_negatives or 10000))
@@ -273,23 +279,10 @@ def _calibrate_keyed(args, owner) -> int:
     if out:
         parts["photos"] = torch.cat(out)
 
-    def faces(gm, n, seed):
-        res = []
-        for s in range(0, n, 64):
-            imgs = ae.decode(gm.sample_latents(min(64, n - s), seed=seed, start=s).latents.float())
-            res.append(index.residuals((imgs.clamp(0, 1) * 255).round() / 255).scores(secret, codes))
-        return torch.cat(res) if res else torch.zeros(0, len(codes))
-
-    if args.faces:
-        _say(args, f"scoring {args.faces} faces of the unfingerprinted model")
-        parts["unfingerprinted faces"] = faces(gen, args.faces, args.seed)
-    if args.instances:
-        gi = make_generator(args.seed, "keyed-calibration-instances")
-        inst = []
-        for j in range(args.instances):
-            ig = fingerprint_keyed_instance(gen, secret, code_to_hex(random_code(generator=gi)))
-            inst.append(faces(ig, args.faces_per_instance, args.seed + 1 + j))
-        parts["other instances' faces"] = torch.cat(inst)
+    gi = make_generator(args.seed, "keyed-calibration-instances")
+    _calibration_faces(args, gen, ae, lambda x: index.residuals(x).scores(secret, codes),
+                       lambda j: fingerprint_keyed_instance(gen, secret, code_to_hex(random_code(generator=gi))),
+                       parts, "scoring")
     allv = torch.cat(list(parts.values())).flatten()
     n_pairs = allv.numel()
     grid = [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
