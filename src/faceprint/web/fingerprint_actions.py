@@ -112,8 +112,9 @@ def _verify_keyed(models, owner, entries, image: Path) -> dict:
     if v.match:
         out["words"] = (f"This image was made by the copy {v.instance!r}, issued to {v.recipient!r}: it carries that "
                         f"copy's secret mark with a score of {v.score:.1f}, and a match needs {v.threshold:.2f}. "
-                        f"The chance that an image not made by any given copy is pinned on one of the "
-                        f"{v.registry_size} recipients is {_rate_words(v.fpr_bound)} per image.")
+                        + ("An image this copy did not make is pinned on it " if v.registry_size == 1 else
+                           f"An image none of the {v.registry_size} issued copies made is pinned on one of them ")
+                        + f"{_rate_words(v.fpr_bound)}.")
     else:
         out["words"] = (f"Not recognised: no copy issued from this server made this image, as far as its marks can "
                         f"tell. The closest copy, {v.nearest_instance!r}, scores {v.score:.1f}; a match needs "
