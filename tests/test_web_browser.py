@@ -98,6 +98,15 @@ def _loaded(page, selector: str) -> int:
     return page.eval_on_selector_all(selector, "els => els.filter(e => e.complete && e.naturalWidth > 0).length")
 
 
+def _verdict(page, expected: str) -> None:
+    """Wait for the verify section to answer (a verdict or an error), then check it is the expected
+    verdict; a failure shows what the page said instead of a bare timeout."""
+    page.wait_for_function("document.getElementById('verify-words').textContent.length > 0 || "
+                           "document.getElementById('verify-error').textContent.length > 0")
+    words, error = page.inner_text("#verify-words"), page.inner_text("#verify-error")
+    assert expected in words, {"verdict": words, "error": error, "numbers": page.inner_text("#verify-numbers")}
+
+
 def test_the_page_end_to_end(page, server, taef2):
     from conftest import CELEBA
 
@@ -150,7 +159,7 @@ def test_the_page_end_to_end(page, server, taef2):
     # ---- verify before any calibration: a real photo is not recognised, the bound not yet checked
     photo = sorted(CELEBA.iterdir())[700]
     page.set_input_files("#verify-file", str(photo))
-    page.wait_for_selector("#verify-words:text('Not recognised')")
+    _verdict(page, "Not recognised")
     assert "not yet checked" in page.inner_text("#verify-numbers")
     shot(page, "07-verify-not-calibrated")
 
@@ -167,13 +176,13 @@ def test_the_page_end_to_end(page, server, taef2):
     face = SHOTS / "alice-face.png"
     face.write_bytes(page.request.get(server["url"].rstrip("/") + src).body())
     page.set_input_files("#verify-file", str(face))
-    page.wait_for_selector("#verify-words:text('made by the copy')")
+    _verdict(page, "made by the copy")
     words = page.inner_text("#verify-words")
     assert "'alice-copy'" in words and "'Alice'" in words and "a match needs" in words
     assert "score" in page.inner_text("#verify-numbers") and "checked on" in page.inner_text("#verify-numbers")
     shot(page, "08-verified-alice")
     page.set_input_files("#verify-file", str(photo))
-    page.wait_for_selector("#verify-words:text('Not recognised')")
+    _verdict(page, "Not recognised")
     shot(page, "09-verified-not-ours")
 
     # ---- forget a person (three of the training photos), before / after

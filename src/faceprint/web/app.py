@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -361,7 +362,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         tmp = uploads / secrets.token_hex(6)
         try:
             p = await _save_upload(upload, tmp, config.max_image_bytes, image=True)
-            return fingerprint_actions.verify_image(models, config, p)
+            # the verification is CPU work: off the event loop, so the server keeps answering meanwhile
+            return await run_in_threadpool(fingerprint_actions.verify_image, models, config, p)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
