@@ -11,7 +11,7 @@ from ..errors import InputError
 
 
 def register(sub, *, common) -> None:
-    from .main import _bounded_int, _fraction, _number, _positive_int, _seed
+    from .main import _bounded_int, _fraction, _number, _positive_int, _seed, add_dask_option
 
     fpr = _number(float, 0.0, True, "a false-positive rate in (0, 1)", highest=0.999999)
 
@@ -52,12 +52,14 @@ def register(sub, *, common) -> None:
     c.add_argument("--instances", type=_bounded_int(0, 1000, "a number of instances"), default=4,
                    help="and faces of this many unregistered instances with random codes (default 4)")
     c.add_argument("--faces-per-instance", type=_bounded_int(1, 1_000_000, "a number of faces"), default=250)
-    c.add_argument("--target-fpr", type=fpr, default=1e-3,
-                   help="largest false-positive rate accepted per verified image (default 1e-3)")
+    c.add_argument("--target-fpr", type=fpr, default=None,
+                   help="largest false-positive rate accepted per verified image (default 1e-3 for datalevel-bank, "
+                        "whose threshold its negatives set; 1e-5 for keyed-bank, whose threshold is exact)")
     c.add_argument("--min-negatives", type=_positive_int, default=None,
                    help="refuse to calibrate on fewer negatives (default 10000 for datalevel-bank, whose threshold "
                         "rests on them; 1000 for keyed-bank, where they check an exact bound; lower it only knowingly)")
     c.add_argument("--seed", type=_seed, default=0)
+    add_dask_option(c, "read the negative photos")
     owner_options(c)
     common(c)
     c.set_defaults(handler=cmd_calibrate)
@@ -71,11 +73,13 @@ def register(sub, *, common) -> None:
                                       "and with what false-positive rate")
     v.add_argument("images", type=Path, nargs="+", help="image files (or folders of images)")
     v.add_argument("--json", action="store_true", help="one JSON object per image")
-    v.add_argument("--target-fpr", type=fpr, default=1e-3,
-                   help="keyed-bank: largest probability, per image, that any innocent recipient is accused (default 1e-3)")
+    v.add_argument("--target-fpr", type=fpr, default=None,
+                   help="keyed-bank: largest probability, per image, that any innocent recipient is accused "
+                        "(default 1e-5); datalevel-bank: set by its calibration")
     v.add_argument("--crop-search", type=_fraction, default=None, metavar="MIN_FRACTION",
                    help="also undo a centre crop keeping at least this fraction of the side, e.g. 0.75 "
                         "(one TAEF2 encode per candidate crop size: 33 at 0.75)")
+    add_dask_option(v, "read the images")
     owner_options(v)
     common(v)
     v.set_defaults(handler=cmd_verify)
@@ -212,14 +216,20 @@ def cmd_calibrate(args) -> int:
     gen = Generator.load(args.model, autoencoder=ae)
     files = _image_files(args.negatives, say=lambda m: _say(args, m))
     _say(args, f"decoding {len(files)} negative photos")
-    parts = {"photos": _decode_files(files, key, ae)}
+    parts = {}
+    if files:
+        from ..distributed.cluster import open_client
+        from ..distributed.stages import decode_image_files
+
+        with open_client(args.dask) as client:
+            parts["photos"] = decode_image_files(files, key, ae, client=client, bar=not getattr(args, "quiet", False))
 
     g = make_generator(args.seed, "calibration-instances")
     _calibration_faces(args, gen, ae, lambda x: decode_images(x, key, ae),
                        lambda j: fingerprint_bank_instance(gen, key, random_code(generator=g)), parts, "decoding")
     decoded = torch.cat(list(parts.values()))
     desc = ", ".join(f"{len(v)} {k}" for k, v in parts.items())
-    cal = calibrate(decoded, seed=args.seed, description=desc, config=CalibrationConfig(target_fpr=args.target_fpr, min_negatives=args.min_negatives or 10000))
+    cal = calibrate(decoded, seed=args.seed, description=desc, config=CalibrationConfig(target_fpr=args.target_fpr or 1e-3, min_negatives=args.min_negatives or 10000))
     owner.folder.mkdir(parents=True, exist_ok=True)
     cal.save(owner.calibration)
     h = cal.histogram
@@ -227,7 +237,7 @@ def cmd_calibrate(args) -> int:
     print(f"negatives: {cal.n_negatives} ({desc}), each against {cal.codes_compared} random codes")
     print(f"best matching bits: max {top} of {cal.n_bits}; threshold {cal.threshold} "
           f"(false-positive rate {cal.operating_fpr:.2g}, 95% upper bound {cal.operating_fpr_upper_bound:.2g}, "
-          f"target {args.target_fpr:g}); wrote {owner.calibration}")
+          f"target {args.target_fpr or 1e-3:g}); wrote {owner.calibration}")
     return 0
 
 
@@ -242,8 +252,7 @@ def _calibrate_keyed(args, owner) -> int:
     import torch
 
     from ..autoencoder import TAEF2
-    from ..data.folder import load_image
-    from ..fingerprint.keyed import BaseIndex, fingerprint_keyed_instance, normal_tail, threshold_for
+    from ..fingerprint.keyed import DEFAULT_TARGET_FPR, BaseIndex, fingerprint_keyed_instance, normal_tail, threshold_for
     from ..fingerprint.registry import code_to_hex, random_code
     from ..fingerprint.verification import clopper_pearson_upper
     from ..io import atomic_write_text, now_iso, sha256_file
@@ -272,12 +281,13 @@ def _calibrate_keyed(args, owner) -> int:
     codes = [code_to_hex(random_code(generator=g)) for _ in range(64)]
     parts: dict[str, torch.Tensor] = {}
     _say(args, f"scoring {len(files)} negative photos against {len(codes)} random codes")
-    out = []
-    for s in range(0, len(files), 64):
-        x = torch.stack([load_image(f, 128) for f in files[s:s + 64]])
-        out.append(index.residuals(x).scores(secret, codes))
-    if out:
-        parts["photos"] = torch.cat(out)
+    if files:
+        from ..distributed.cluster import open_client
+        from ..distributed.stages import keyed_scores_of_files
+
+        with open_client(args.dask) as client:
+            parts["photos"] = keyed_scores_of_files(files, index, secret, codes, client=client,
+                                                    bar=not getattr(args, "quiet", False))
 
     gi = make_generator(args.seed, "keyed-calibration-instances")
     _calibration_faces(args, gen, ae, lambda x: index.residuals(x).scores(secret, codes),
@@ -294,11 +304,12 @@ def _calibrate_keyed(args, owner) -> int:
            "seed": args.seed}
     owner.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(owner.folder / KEYED_CALIBRATION, json.dumps(doc, indent=1))
-    thr = threshold_for(args.target_fpr, 1)
+    target = args.target_fpr or DEFAULT_TARGET_FPR
+    thr = threshold_for(target, 1)
     print(f"negatives: {', '.join(f'{v} {k}' for k, v in doc['negatives'].items())}; {n_pairs} (image, code) pairs")
     print(f"scores: mean {doc['mean']:.3f}, std {doc['std']:.3f} (standard normal: 0, 1), max {doc['max']:.2f}; "
           f"T >= 3: {doc['exceedances']['3.0']['count']} (normal: {doc['exceedances']['3.0']['normal_expected']:.1f}); "
-          f"one recipient's threshold at {args.target_fpr:g} is {thr:.2f}; wrote {owner.folder / KEYED_CALIBRATION}")
+          f"one recipient's threshold at {target:g} is {thr:.2f}; wrote {owner.folder / KEYED_CALIBRATION}")
     if not math.isfinite(doc["std"]) or abs(doc["std"] - 1) > 0.1 or abs(doc["mean"]) > 0.1:
         print("warning: the scores of negatives are not standard normal: the stated false-accusation bounds do not "
               "hold for images like these; report this", file=sys.stderr)
@@ -330,11 +341,8 @@ def cmd_verify(args) -> int:
 def _verify_keyed(args, entries) -> int:
     from dataclasses import asdict
 
-    import torch
-
     from ..autoencoder import TAEF2
-    from ..data.folder import load_image
-    from ..fingerprint.owner import verify_keyed
+    from ..fingerprint.owner import KeyedVerifier
 
     owner = _owner(args)
     if args.crop_search is not None:
@@ -354,20 +362,24 @@ def _verify_keyed(args, entries) -> int:
     else:
         _say(args, f"calibration: {measured['pairs']} negative (image, code) pairs scored mean {measured['mean']:.3f}, "
                    f"std {measured['std']:.3f} (standard normal: 0, 1)")
-    for s in range(0, len(files), 64):
-        chunk = files[s:s + 64]
-        x = torch.stack([load_image(f, 128) for f in chunk])
-        for f, v in zip(chunk, verify_keyed(x, owner, entries, ae, target_fpr=args.target_fpr)):
-            if args.json:
-                print(json.dumps({"image": str(f), **asdict(v)}), flush=True)
-            elif v.match:
-                print(f"{f}: MATCH instance {v.instance!r} (recipient {v.recipient!r}); score {v.score:.1f} "
-                      f"(a match needs {v.threshold:.2f}); an image this recipient did not make scores this high with "
-                      f"probability {v.p_value:.2g}; false accusation of anyone among {v.registry_size} recipients "
-                      f"<= {v.fpr_bound:.2g} per image", flush=True)
-            else:
-                print(f"{f}: not ours (best: instance {v.nearest_instance!r} with score {v.score:.1f}, a match needs "
-                      f"{v.threshold:.2f})", flush=True)
+    from ..distributed.cluster import open_client
+    from ..distributed.stages import keyed_verdicts_of_files
+
+    verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr)
+    with open_client(args.dask) as client:
+        verdicts = keyed_verdicts_of_files(files, verifier, client=client, bar=not getattr(args, "quiet", False))
+    for f, v in zip(files, verdicts):
+        edited = f" [the image looks edited: {v.edit}]" if v.edit != "none" else ""
+        if args.json:
+            print(json.dumps({"image": str(f), **asdict(v)}), flush=True)
+        elif v.match:
+            print(f"{f}: MATCH instance {v.instance!r} (recipient {v.recipient!r}); score {v.score:.1f} "
+                  f"(a match needs {v.threshold:.2f}); an image this recipient did not make scores this high with "
+                  f"probability {v.p_value:.2g}; false accusation of anyone among {v.registry_size} recipients "
+                  f"<= {v.fpr_bound:.2g} per image{edited}", flush=True)
+        else:
+            print(f"{f}: not ours (best: instance {v.nearest_instance!r} with score {v.score:.1f}, a match needs "
+                  f"{v.threshold:.2f}){edited}", flush=True)
     return 0
 
 
@@ -383,7 +395,16 @@ def _verify_codes(args) -> int:
     files = _image_files(args.images, say=lambda m: _say(args, m))
     ae = TAEF2.load(args.weights)
     sizes: list[int] = []
-    decoded = _decode_files(files, key, ae, crop_search=args.crop_search, sizes=sizes)
+    if args.crop_search is None:
+        from ..distributed.cluster import open_client
+        from ..distributed.stages import decode_image_files
+
+        with open_client(args.dask) as client:
+            decoded = decode_image_files(files, key, ae, client=client, bar=not getattr(args, "quiet", False))
+    elif args.dask is not None:
+        raise InputError("--crop-search runs in this process only; drop --dask or --crop-search")
+    else:
+        decoded = _decode_files(files, key, ae, crop_search=args.crop_search, sizes=sizes)
     with owner.open_registry(create=False) as reg:
         verdicts = verify(decoded, cal, registry=reg)
     full = key.shape_[-1] * 8

@@ -8,7 +8,8 @@ what the one-process code does for it, so that the results are identical:
                        features (``evaluate``, ``bench quality``)
   map_image_files      any function of image batches over image files (the fingerprint
                        read-out of ``fingerprint calibrate`` and ``verify``: see
-                       :func:`decode_image_files`)
+                       :func:`decode_image_files`, :func:`keyed_verdicts_of_files`,
+                       :func:`keyed_scores_of_files`)
 
 The autoencoder travels to the workers as an object (scattered once per job: a fingerprinted
 instance's decoder goes with it). The Inception network is loaded by each worker from its own
@@ -151,4 +152,39 @@ def decode_image_files(files: Sequence, key, autoencoder, *, crop_search: float 
         raise InputError("no image files to decode")
     parts = map_image_files(_decode_bits, files, shared=(key, autoencoder, crop_search), size=128, batch=batch,
                             client=client, progress=progress, bar=bar, desc="fingerprint read-out")
+    return torch.cat(parts)
+
+
+def _keyed_verdicts(images: torch.Tensor, verifier):
+    return verifier(images)
+
+
+def keyed_verdicts_of_files(files: Sequence, verifier, *, batch: int = 64, client=None,
+                            progress: Callable[[int, int], None] | None = None, bar: bool = False) -> list:
+    """Keyed-bank verdicts (:class:`faceprint.fingerprint.owner.KeyedVerdict`) of image files, read
+    at 128 px in batches of ``batch`` (``faceprint verify``), on ``client``'s workers when given.
+    The verifier (the owner's secret and base indices) is sent to each worker once."""
+    from ..errors import InputError
+
+    if not files:
+        raise InputError("no image files to verify")
+    parts = map_image_files(_keyed_verdicts, files, shared=(verifier,), size=128, batch=batch, client=client,
+                            progress=progress, bar=bar, desc="verify")
+    return [v for part in parts for v in part]
+
+
+def _keyed_scores(images: torch.Tensor, index, secret, codes):
+    return index.residuals(images).scores(secret, codes)
+
+
+def keyed_scores_of_files(files: Sequence, index, secret, codes, *, batch: int = 64, client=None,
+                          progress: Callable[[int, int], None] | None = None, bar: bool = False) -> torch.Tensor:
+    """Keyed-bank scores (N, len(codes)) of image files against ``codes`` (``fingerprint
+    calibrate``'s negatives), on ``client``'s workers when given."""
+    from ..errors import InputError
+
+    if not files:
+        raise InputError("no image files to score")
+    parts = map_image_files(_keyed_scores, files, shared=(index, secret, codes), size=128, batch=batch,
+                            client=client, progress=progress, bar=bar, desc="calibration scores")
     return torch.cat(parts)

@@ -51,8 +51,8 @@ from ..seeding import generator as make_generator
 from .datalevel import MECHANISM, BankFingerprintConfig, BankFingerprinter, fingerprint_bank_instance
 from .keyed import KEYED_MECHANISM, OwnerSecret, fingerprint_keyed_instance
 
-__all__ = ["CALIBRATION_CODES", "MECHANISMS", "Owner", "default_owner_dir", "issue_instance", "decode_images",
-           "verify_keyed"]
+__all__ = ["CALIBRATION_CODES", "MECHANISMS", "KeyedVerifier", "Owner", "default_owner_dir", "issue_instance",
+           "decode_images", "verify_keyed"]
 
 #: what ``issue`` can embed; the first is the default
 MECHANISMS = (KEYED_MECHANISM, MECHANISM)
@@ -348,53 +348,81 @@ class KeyedVerdict:
     fpr_bound: float  # Sidak over the registry: P(any innocent recipient scores >= threshold)
     registry_size: int
     match_distance: float  # mean latent distance of the image's pixels to the base rows they matched
+    edit: str = "none"  # the edit the image looked like it went through (BaseIndex: JPEG, blur, resize)
 
 
 @torch.no_grad()
-def verify_keyed(images: torch.Tensor, owner: Owner, entries, autoencoder, *, target_fpr: float = 1e-3,
-                 batch: int = 64) -> list[KeyedVerdict]:
-    """Verify images (N, 3, H, W) in [0, 1] against the keyed registry ``entries``.
+class KeyedVerifier:
+    """What verifying images against the keyed instances of a registry needs, loaded once: the
+    owner's secret, one :class:`BaseIndex` per base model the instances were issued from, and the
+    threshold. Calling it on images (N, 3, H, W) in [0, 1] gives their verdicts. It pickles (Dask
+    sends it to the workers of ``verify --dask``): it holds the owner's secret, so send it only
+    to machines the owner trusts.
 
     The threshold is the score whose Sidak-corrected normal tail over the ``len(entries)``
-    recipients is ``target_fpr``: that is the probability, for any image, that some recipient
-    who did not make it is accused (exact given the keys' pseudo-randomness; measured by
-    ``python -m faceprint.bench redteam`` and ``calibrate``)."""
-    from ..latent.generator import Generator
-    from .keyed import BaseIndex, normal_tail, sidak, threshold_for
+    recipients is ``target_fpr`` (default :data:`keyed.DEFAULT_TARGET_FPR`): that is the
+    probability, for any image, that some recipient who did not make it is accused (exact given
+    the keys' pseudo-randomness; measured by ``python -m faceprint.bench redteam`` and
+    ``calibrate``)."""
 
-    entries = [e for e in entries if e.mechanism == KEYED_MECHANISM]
-    if not entries:
-        raise InputError("the registry holds no keyed-bank instances; issue one first")
-    secret = owner.load_secret()
-    M = len(entries)
-    thr = threshold_for(target_fpr, M)
-    by_base: dict[str, list] = {}
-    for e in entries:
-        by_base.setdefault(e.model_hash, []).append(e)
-    n = images.shape[0]
-    best = torch.full((n,), -math.inf)
-    best_e: list = [None] * n
-    dist = torch.zeros(n)
-    for model_hash, group in by_base.items():
-        path = owner.base_path(model_hash)
-        if not path.is_file():
-            raise InputError(f"the base model {model_hash[:12]}... of {len(group)} issued instance(s) is missing from "
-                             f"{str(path.parent)!r}: restore the owner folder from its backup")
-        base = Generator.load(path, autoencoder=autoencoder)
-        res = BaseIndex(base.bank_, autoencoder, secret).residuals(images, batch=batch)
-        sc = res.scores(secret, [e.code for e in group])  # (n, k)
-        v, j = sc.max(1)
+    def __init__(self, owner: Owner, entries, autoencoder, *, target_fpr: float | None = None):
+        from ..latent.generator import Generator
+        from .keyed import DEFAULT_TARGET_FPR, BaseIndex, normal_tail, sidak, threshold_for
+
+        if target_fpr is None:
+            target_fpr = DEFAULT_TARGET_FPR
+        entries = [e for e in entries if e.mechanism == KEYED_MECHANISM]
+        if not entries:
+            raise InputError("the registry holds no keyed-bank instances; issue one first")
+        self.secret = owner.load_secret()
+        self.registry_size = len(entries)
+        self.threshold = threshold_for(target_fpr, self.registry_size)
+        self.fpr_bound = sidak(normal_tail(self.threshold), self.registry_size)
+        by_base: dict[str, list] = {}
+        for e in entries:
+            by_base.setdefault(e.model_hash, []).append(e)
+        self.groups = []
+        for model_hash, group in by_base.items():
+            path = owner.base_path(model_hash)
+            if not path.is_file():
+                raise InputError(f"the base model {model_hash[:12]}... of {len(group)} issued instance(s) is missing "
+                                 f"from {str(path.parent)!r}: restore the owner folder from its backup")
+            base = Generator.load(path, autoencoder=autoencoder)
+            self.groups.append((BaseIndex(base.bank_, autoencoder, self.secret), group))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, *, batch: int = 64) -> list[KeyedVerdict]:
+        from .keyed import normal_tail
+
+        n = images.shape[0]
+        best = torch.full((n,), -math.inf)
+        best_e: list = [None] * n
+        dist = torch.zeros(n)
+        edit = ["none"] * n
+        for index, group in self.groups:
+            res = index.residuals(images, batch=batch)
+            sc = res.scores(self.secret, [e.code for e in group])  # (n, k)
+            v, j = sc.max(1)
+            for i in range(n):
+                if float(v[i]) > float(best[i]):
+                    best[i] = v[i]
+                    best_e[i] = group[int(j[i])]
+                    dist[i] = res.match_distance[i]
+                    edit[i] = res.edit[i] if res.edit else "none"
+        out = []
         for i in range(n):
-            if float(v[i]) > float(best[i]):
-                best[i] = v[i]
-                best_e[i] = group[int(j[i])]
-                dist[i] = res.match_distance[i]
-    out = []
-    bound = sidak(normal_tail(thr), M)
-    for i in range(n):
-        t, e = float(best[i]), best_e[i]
-        ok = t >= thr
-        out.append(KeyedVerdict(match=ok, instance=e.instance if ok else None, recipient=e.recipient if ok else None,
-                                score=t, nearest_instance=e.instance, threshold=thr, p_value=normal_tail(t),
-                                fpr_bound=bound, registry_size=M, match_distance=float(dist[i])))
-    return out
+            t, e = float(best[i]), best_e[i]
+            ok = t >= self.threshold
+            out.append(KeyedVerdict(match=ok, instance=e.instance if ok else None,
+                                    recipient=e.recipient if ok else None, score=t, nearest_instance=e.instance,
+                                    threshold=self.threshold, p_value=normal_tail(t), fpr_bound=self.fpr_bound,
+                                    registry_size=self.registry_size, match_distance=float(dist[i]),
+                                    edit=edit[i]))
+        return out
+
+
+def verify_keyed(images: torch.Tensor, owner: Owner, entries, autoencoder, *, target_fpr: float | None = None,
+                 batch: int = 64) -> list[KeyedVerdict]:
+    """Verify images (N, 3, H, W) in [0, 1] against the keyed registry ``entries``
+    (:class:`KeyedVerifier`, loaded for this call)."""
+    return KeyedVerifier(owner, entries, autoencoder, target_fpr=target_fpr)(images, batch=batch)
