@@ -47,10 +47,12 @@ def register(sub, *, common) -> None:
     c.add_argument("model", type=Path, help="the unfingerprinted model the instances were issued from")
     c.add_argument("--negatives", type=Path, action="append", required=True, metavar="FOLDER",
                    help="folder of images that carry none of the codes (e.g. real photos); repeat for several")
-    c.add_argument("--faces", type=_bounded_int(0, 10_000_000, "a number of faces"), default=2000,
-                   help="also decode this many faces of MODEL itself (default 2000)")
-    c.add_argument("--instances", type=_bounded_int(0, 1000, "a number of instances"), default=4,
-                   help="and faces of this many unregistered instances with random codes (default 4)")
+    c.add_argument("--faces", type=_bounded_int(0, 10_000_000, "a number of faces"), default=None,
+                   help="also read this many faces of MODEL itself (default 2000 for datalevel-bank; 500 for "
+                        "keyed-bank, whose read-out costs a decode and an encode per image)")
+    c.add_argument("--instances", type=_bounded_int(0, 1000, "a number of instances"), default=None,
+                   help="and faces of this many unregistered instances with random codes (default 4 for "
+                        "datalevel-bank, 2 for keyed-bank)")
     c.add_argument("--faces-per-instance", type=_bounded_int(1, 1_000_000, "a number of faces"), default=250)
     c.add_argument("--target-fpr", type=fpr, default=None,
                    help="largest false-positive rate accepted per verified image (default 1e-3 for datalevel-bank, "
@@ -205,7 +207,12 @@ def cmd_calibrate(args) -> int:
     from .safety import Plan
 
     owner = _owner(args)
-    if owner.secret_path.is_file() and not owner.key_path.is_file():
+    keyed = owner.secret_path.is_file() and not owner.key_path.is_file()
+    if args.faces is None:
+        args.faces = 500 if keyed else 2000
+    if args.instances is None:
+        args.instances = 2 if keyed else 4
+    if keyed:
         return _calibrate_keyed(args, owner)
     plan = Plan().input_file("model", args.model).input_file("owner key", owner.key_path)
     for n in args.negatives:
@@ -369,7 +376,7 @@ def _verify_keyed(args, entries) -> int:
     with open_client(args.dask) as client:
         verdicts = keyed_verdicts_of_files(files, verifier, client=client, bar=not getattr(args, "quiet", False))
     for f, v in zip(files, verdicts):
-        edited = f" [the image looks edited: {v.edit}]" if v.edit != "none" else ""
+        edited = f" [read as an edited image: {v.edit}]" if v.match and v.edit != "none" else ""
         if args.json:
             print(json.dumps({"image": str(f), **asdict(v)}), flush=True)
         elif v.match:
@@ -379,7 +386,7 @@ def _verify_keyed(args, entries) -> int:
                   f"<= {v.fpr_bound:.2g} per image{edited}", flush=True)
         else:
             print(f"{f}: not ours (best: instance {v.nearest_instance!r} with score {v.score:.1f}, a match needs "
-                  f"{v.threshold:.2f}){edited}", flush=True)
+                  f"{v.threshold:.2f})", flush=True)
     return 0
 
 

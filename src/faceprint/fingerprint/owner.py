@@ -348,10 +348,9 @@ class KeyedVerdict:
     fpr_bound: float  # Sidak over the registry: P(any innocent recipient scores >= threshold)
     registry_size: int
     match_distance: float  # mean latent distance of the image's pixels to the base rows they matched
-    edit: str = "none"  # the edit the image looked like it went through (BaseIndex: JPEG, blur, resize)
+    edit: str = "none"  # the edit the reference was given to match the image (BaseIndex: blur, resize)
 
 
-@torch.no_grad()
 class KeyedVerifier:
     """What verifying images against the keyed instances of a registry needs, loaded once: the
     owner's secret, one :class:`BaseIndex` per base model the instances were issued from, and the

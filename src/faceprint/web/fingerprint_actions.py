@@ -109,7 +109,8 @@ def _verify_keyed(models, owner, entries, image: Path) -> dict:
         ["false-accusation bound", f"{v.fpr_bound:.2g} per image, over {v.registry_size} recipients" if v.match
          else "- (no match)"],
         ["bound checked", checked],
-        ["edit", "none seen" if v.edit == "none" else f"the image looks edited ({v.edit}); the reference was edited alike"]]
+        ["read as", "the image as it is" if v.edit == "none" or not v.match else
+         f"an edited image ({v.edit}): the reference was edited alike"]]
     if v.match:
         out["words"] = (f"This image was made by the copy {v.instance!r}, issued to {v.recipient!r}: it carries that "
                         f"copy's secret mark with a score of {v.score:.1f}, and a match needs {v.threshold:.2f}. "
