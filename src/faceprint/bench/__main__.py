@@ -19,6 +19,8 @@ BENCHES = {
     "redteam": "the recipient as adversary: key recovery, removal, collusion and framing against the fingerprints",
     "reliability": "hostile and broken input: corpus of cases per command and kind, kill -9 trials, validation cost",
     "scale-out": "each Dask-distributed stage in one process and on 1 and 2 local workers: time, identical output",
+    "mix": "texture mixer (papers/004 Ch. 3): canvas interpolation metrics, ablations, face hybrids, speed",
+    "gan": "latent GAN (papers/004 Ch. 2): dual contrastive loss, G self-attention, D reference attention vs LR-GMM",
 }
 MODULES = {"scale-out": "scale_out"}  # bench names that are not module names
 

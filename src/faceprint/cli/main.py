@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=Path, default=None, help="also write all faces as one grid image")
     p.add_argument("--provenance", action="store_true",
                    help="also write each face's colour-coded latent map and provenance.json")
-    p.add_argument("--method", choices=("lrgmm-nn", "lrgmm", "nn", "gaussian"), default=None,
-                   help="sampling method (default: the model's, lrgmm-nn); the others are the paper's ablations")
+    p.add_argument("--method", choices=("lrgmm-nn", "lrgmm", "nn", "gaussian", "gan"), default=None,
+                   help="sampling method (default: the model's: gan for a model from train-gan, else lrgmm-nn); "
+                        "the others are the paper's ablations")
     p.add_argument("--rank-temperature", type=_rank_temperature, default=None, help="override lambda at sampling time")
     _add_guard_options(p)
     _add_common(p)
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTENSIONS = ("evaluate", "protect", "control", "serve")
+EXTENSIONS = ("evaluate", "protect", "control", "serve", "train_gan", "mix")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -415,7 +416,11 @@ def cmd_generate(args) -> int:
     plan.check()
     check_face_files("-o", args.output, args.start, args.n, args.provenance)
     gen = Generator.load(args.model, weights=args.weights)
-    method = args.method or gen.config.method
+    method = args.method or gen.default_method
+    if args.provenance and method == "gan":
+        raise InputError("--provenance: a GAN face has no provenance map (the GAN generates every latent pixel; "
+                         "none is copied from a training photo); drop --provenance, or add --method lrgmm-nn for "
+                         "this model's LR-GMM-NN faces, which have one")
     if args.provenance and method in ("lrgmm", "gaussian"):
         raise InputError(f"--provenance needs a method that copies training latents (lrgmm-nn or nn), not {method!r}")
     _check_generate_room("-o", args.output, gen, args.n, args.provenance, args.grid is not None)

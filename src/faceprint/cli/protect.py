@@ -119,8 +119,16 @@ def cmd_issue(args) -> int:
     if getattr(gen, "fingerprint_", None):
         raise InputError(f"{str(args.model)!r} is already a fingerprinted instance "
                          f"({gen.fingerprint_.get('instance')!r}); issue instances from the unfingerprinted model")
-    entry, inst = issue_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed, note=args.note,
-                                 output=args.output, mechanism=args.mechanism)
+    if getattr(gen, "latent_model_", None) is not None:  # a GAN copies no bank pixel: mark its decoder
+        from ..gan.fingerprint import MECHANISM as GAN_MECHANISM, issue_gan_instance
+
+        _say(args, f"a GAN model: its instance carries a model-level fingerprint ({GAN_MECHANISM}), not "
+                   f"{args.mechanism} (GAN faces copy no bank pixel)")
+        entry, inst = issue_gan_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed,
+                                         note=args.note, output=args.output)
+    else:
+        entry, inst = issue_instance(gen, sha256_file(args.model), owner, args.to, instance, seed=args.seed,
+                                     note=args.note, output=args.output, mechanism=args.mechanism)
     _say(args, f"issued instance {instance!r} to {args.to!r} (code {entry.code[:8]}..., registry {owner.registry}); "
                f"wrote {args.output}")
     return 0

@@ -188,6 +188,8 @@ class Generator:
         self.decoder_state_: dict[str, torch.Tensor] | None = None
         self.fingerprint_: dict | None = None
         self.guard_distances_: torch.Tensor | None = None
+        # a learned latent model beside the mixture (faceprint.gan.LatentGAN): method "gan"
+        self.latent_model_ = None
         self._cache = {}
 
     # ------------------------------------------------------------------ fitting
@@ -258,6 +260,12 @@ class Generator:
         return self.bank_.shape[0]
 
     @property
+    def default_method(self) -> str:
+        """The sampling method used when none is asked for: "gan" for a model with a learned
+        latent model (faceprint.gan), the config's method otherwise."""
+        return "gan" if getattr(self, "latent_model_", None) is not None else self.config.method
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         self._check_fitted()
         return tuple(self.bank_.shape[1:])
@@ -296,9 +304,11 @@ class Generator:
             raise InputError(f"n must be a non-negative int, got {n!r}")
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise InputError(f"start must be a non-negative int, got {start!r}")
-        method = method or self.config.method
-        if method not in METHODS:
-            raise InputError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        method = method or self.default_method
+        allowed = METHODS + (("gan",) if getattr(self, "latent_model_", None) is not None else ())
+        if method not in allowed:
+            raise InputError(f"method must be one of {', '.join(allowed)}; got {method!r}"
+                             + ("; 'gan' needs a model fitted with --method gan" if method == "gan" else ""))
         K = self.mixture_.weights_.numel()
         if component is not None and not (isinstance(component, int) and 0 <= component < K):
             raise InputError(f"component must be an int in [0, {K}), got {component!r}")
@@ -351,6 +361,8 @@ class Generator:
         c, h, w = self.latent_shape
         q = self.config.channels
         none = torch.full((m, h, w), -1, dtype=torch.int64)
+        if method == "gan":  # a learned latent model: nothing copied, no provenance
+            return self.latent_model_.draw(idx, seed, attempt), torch.full((m,), -1, dtype=torch.int64), none
         if method == "gaussian":
             z = torch.stack([torch.randn(c, h, w, generator=image_generator(seed, "gaussian", i, attempt)) for i in idx])
             return z, torch.full((m,), -1, dtype=torch.int64), none
@@ -525,6 +537,9 @@ class Generator:
             "autoencoder": {"name": "taef2", "id": self._autoencoder_id()},
             "fingerprint": self.fingerprint_,
         }
+        if getattr(self, "latent_model_", None) is not None:
+            tensors.update(self.latent_model_.state_tensors("gan."))
+            meta["latent_model"] = self.latent_model_.meta()
         save_artifact(path, tensors, meta)
 
     @classmethod
@@ -548,6 +563,11 @@ class Generator:
             dec = {k[len(DECODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
             g.decoder_state_ = dec or None
             g.fingerprint_ = meta.get("fingerprint")
+            if meta.get("latent_model") is not None:
+                from ..gan.model import LatentGAN
+
+                g.latent_model_ = LatentGAN.from_state(meta["latent_model"], tensors, "gan.",
+                                                       where=f"model file {str(path)!r}")
         except (KeyError, TypeError, ConfigError, RuntimeError) as e:
             raise ArtifactError(f"model file {str(path)!r} is incomplete or inconsistent ({e.__class__.__name__}: {e}); "
                                 "re-create it with `faceprint fit`") from None
