@@ -192,6 +192,13 @@ def test_training_is_reproducible_and_resume_equals_uninterrupted(tmp_path):
         _fit(cfg, x, seed=5, resume=True)
 
 
+def test_a_time_budget_plans_the_iterations_from_the_measured_speed():
+    m = _fit(replace(MICRO, iterations=10**6, checkpoint_every=10**6), _latents(), seed=0, max_seconds=1.5)
+    pv = m.provenance_
+    assert 10 <= pv["iterations"] <= pv["planned_iterations"] < 10**6  # not the config's 10**6
+    assert pv["train_seconds"] < 1.5 + 2  # the plan fits the budget (one iteration of slack and the timing)
+
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import faceprint.gan.model as model
 

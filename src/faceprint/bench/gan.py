@@ -436,6 +436,18 @@ def _markdown(doc, args) -> str:
                           f"{100 * c['relative']:+.1f}%", _fmt(c["seed_std"], 2), c["claim"] or "no seed std: no claim",
                           (f"{c['paper']['dataset']}: {c['paper']['baseline_fid']} -> {c['paper']['fid']} "
                            f"({100 * c['paper']['relative']:+.1f}%)") if c.get("paper") else "-"] for c in comp])
+        checks = []
+        for r in doc["results"].values():
+            lr = doc["baselines"].get(f"{r['protocol']}-lrgmm")
+            nn = doc["baselines"].get(f"{r['protocol']}-lrgmm-nn")
+            cell = lambda b: "-" if b is None else f"{'yes' if r['fid'] < b['fid'] else 'NO'} ({b['fid']:.2f})"  # noqa: E731
+            checks.append([r["protocol"], r["label"], r["seed"], f"{r['fid']:.2f}", cell(lr), cell(nn),
+                           f"{r['train_seconds'] / 60:.1f}", _fmt((r.get("memorization_inception") or {}).get(
+                               "share_below_quantile"))])
+        if checks:
+            print_table("Acceptance: each GAN against LR-GMM and LR-GMM-NN recomputed at the same n and protocol",
+                        ["protocol", "configuration", "seed", "FID", "beats LR-GMM (its FID)",
+                         "beats LR-GMM-NN (its FID)", "training minutes (<= 60)", "copy rate (> 0.10 flagged)"], checks)
         cur = doc["curves"]
         if cur:
             print_table("Training curves: FID on the curve faces at checkpoints", ["configuration", "iteration: FID"],

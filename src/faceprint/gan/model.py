@@ -425,7 +425,7 @@ class LatentGAN:
 
         good = snapshot(start)
         stopped = None
-        bar = _bar(planned or 0, start, progress)
+        bar = _bar(planned, start, progress) if planned is not None else None  # unplanned: after the timing
         t_run = time.perf_counter()
         seconds_before = train_seconds
         acc = {"loss_d": 0.0, "loss_g": 0.0, "r1": 0.0, "n": 0}
@@ -516,13 +516,8 @@ class LatentGAN:
                     per = (time.perf_counter() - t_cal) / CALIBRATION_ITERATIONS
                     left = max_seconds - train_seconds
                     planned = int(min(MAX_ITERATIONS, max(it, it + math.floor(0.97 * left / per))))
-                    if bar is None:
-                        bar = _bar(planned, it, progress)
-                    elif bar is not None:
-                        bar.total = planned
+                    bar = _bar(planned, it - 1, progress)
                 if bar is not None:
-                    if bar.total != planned and planned is not None:
-                        bar.total = planned
                     bar.update(1)
                     bar.set_postfix_str(f"{kind} D {ld:.3f} G {lg:.3f}")
                 if it % cfg.checkpoint_every == 0:
