@@ -56,6 +56,13 @@ def test_dual_contrastive_matches_a_naive_float64_computation(scale):
     sr, sf = _naive_contrastive(fake.tolist(), real.tolist())
     assert abs(float(L.contrastive_g(real, fake)) - (-(sr + sf))) < 1e-10
     assert abs(float(L.contrastive_g_minimax(real, fake)) - (lr + lf)) < 1e-10
+    # the softmax cross-entropy form of lightweight-gan's dual_contrastive_loss (re-written here: the
+    # package itself is not installed), each sample's own logit as class 0 of its row
+    rows_r = torch.cat([real[:, None], fake[None].expand(len(real), -1)], 1)
+    rows_f = torch.cat([-fake[:, None], -real[None].expand(len(fake), -1)], 1)
+    ce = F.cross_entropy(rows_r, torch.zeros(len(real), dtype=torch.long)) + \
+        F.cross_entropy(rows_f, torch.zeros(len(fake), dtype=torch.long))
+    assert abs(float(ce) - float(L.contrastive_d(real, fake))) < 1e-10
     # float32 logits large enough to overflow exp() stay finite in the logsumexp form
     big = L.contrastive_d(real.float() * 100, fake.float() * 100)
     assert torch.isfinite(big)
