@@ -225,6 +225,8 @@ def _pairs(n: int, owner: torch.Tensor, seed: int) -> list[tuple[int, int]]:
     g = make_generator(seed, "mix-pairs")
     out = []
     N = owner.numel()
+    if N < 2 or bool((owner == owner[0]).all()):
+        raise SystemExit("pairs need sources of at least two different photos / people")
     while len(out) < n:
         i, j = (int(v) for v in torch.randint(N, (2,), generator=g))
         if owner[i] != owner[j]:
@@ -282,7 +284,8 @@ def canvas_rows(args, mixers, ae, crops, pairs, width: int = 512):
         secs["patch"] += time.perf_counter() - t
         for name, m in mixers.items():
             t = time.perf_counter()
-            out[name].append(m.mix_latents(zl, wts, size=(h // 8, LW), anchors=anchors, keep=keep, shuffle=True,
+            shuffle = bool(m.train_config_.get("shuffle", True))  # the no-shuffling ablation never shuffles
+            out[name].append(m.mix_latents(zl, wts, size=(h // 8, LW), anchors=anchors, keep=keep, shuffle=shuffle,
                                            harmonise=True, seed=args.seed * 1000003 + n))
             secs[name] += time.perf_counter() - t
     for r in list(out):
@@ -486,9 +489,22 @@ def run(args) -> int:
     return 0
 
 
-def measure_speed(mixer, ae, crops, faces, repeats: int = 5) -> dict:
+def measure_speed(mixer, ae, crops, faces, repeats: int = 5, threads: int = 2) -> dict:
+    """Median seconds of a 64 x 512 canvas and a 128 px face hybrid on ``threads`` torch threads
+    (the issue's "2 cores"), after one warm-up call each."""
     import statistics
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mixer.canvas(crops[:2], 512)
+        mixer.hybrid(faces[0:1], faces[1:2], band=32)
+        return _speed(mixer, crops, faces, repeats, statistics)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _speed(mixer, crops, faces, repeats, statistics) -> dict:
     src = crops[:2]
     t_canvas = []
     for _ in range(repeats):
