@@ -155,9 +155,9 @@ class GANConfig:
     attn_hidden: int = 64
     batch_size: int = 64
     iterations: int = 3000
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
+    lr_g: float = 1e-3
+    lr_d: float = 1e-3
+    beta1: float = 0.0
     beta2: float = 0.99
     r1_gamma: float = 1.0
     r1_every: int = 4
