@@ -1,5 +1,7 @@
 """`python -m faceprint.bench attribution`: attribution, false positives and fidelity of the
-owner's fingerprint (papers/004, Ch. 5-6), through the owner's own code path
+owner's fingerprint (papers/004, Ch. 5-6). ``--mechanism keyed-bank`` (the default, what
+``faceprint fingerprint issue`` makes) is measured by :func:`_run_keyed` (its docstring gives the
+protocol; resumable); ``--mechanism datalevel-bank`` (the shared-key lattice code) as follows, through the owner's own code path
 (:mod:`faceprint.fingerprint.owner`, the flow of ``faceprint fingerprint issue|calibrate`` and
 ``faceprint verify``).
 
@@ -77,7 +79,9 @@ def add_arguments(p) -> None:
                    help="unregistered instances with random codes (default 4)")
     g.add_argument("--calibration-instance-faces", type=_positive_int, default=250,
                    help="faces per unregistered instance (default 250)")
-    g.add_argument("--target-fpr", type=_positive_float, default=1e-3, help="target false-positive rate (default 1e-3)")
+    g.add_argument("--target-fpr", type=_positive_float, default=None,
+                   help="target false-positive rate (default: the mechanism's own, 1e-5 per image for keyed-bank, "
+                        "1e-3 for datalevel-bank)")
     g.add_argument("--min-negatives", type=_positive_int, default=None,
                    help="CalibrationConfig.min_negatives (default 10,000; lower it for smoke runs only)")
     t = p.add_argument_group("test negatives (count false matches only)")
@@ -96,8 +100,15 @@ def add_arguments(p) -> None:
     s.add_argument("--step-instances", type=_positive_int, default=10, help="instances per step (default 10)")
     s.add_argument("--step-faces", type=_positive_int, default=20, help="faces per instance per step (default 20)")
     p.add_argument("--batch", type=_positive_int, default=250, help="faces generated / decoded per chunk (default 250)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for attribution.json and .md")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for attribution-<mechanism>.json and .md")
     p.add_argument("--weights", type=Path, default=None, help="TAEF2 weights folder")
+    p.add_argument("--mechanism", choices=("keyed-bank", "datalevel-bank"), default="keyed-bank",
+                   help="the fingerprint measured (default keyed-bank, what `fingerprint issue` makes; datalevel-bank: "
+                        "the shared-key lattice mechanism with its calibration and step table)")
+    p.add_argument("--resume", action="store_true",
+                   help="keyed-bank: keep the chunks an interrupted run with the same settings finished in OUT")
+    p.add_argument("--minutes", type=_positive_float, default=None,
+                   help="keyed-bank: start no new chunk after this many minutes (then rerun with --resume)")
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -293,6 +304,17 @@ def run(args) -> int:
     from ..seeding import generator as make_generator
     from .taming import DATA
 
+    if getattr(args, "mechanism", "datalevel-bank") == "keyed-bank":
+        if args.target_fpr is None:
+            from ..fingerprint.keyed import DEFAULT_TARGET_FPR
+
+            args.target_fpr = DEFAULT_TARGET_FPR
+        return _run_keyed(args)
+    if args.target_fpr is None:
+        args.target_fpr = 1e-3
+    if args.resume or args.minutes is not None:
+        print("--resume and --minutes work with --mechanism keyed-bank only", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     ds = args.datasets or DATA
     for sub in ("celeba-10k", "celeba-id", "utkface"):
@@ -699,9 +721,326 @@ def run(args) -> int:
     timing["total (s)"] = time.perf_counter() - t_start
     T("Time", ["stage", "value"], [[k, f"{v:.1f}"] for k, v in timing.items()])
     doc["timing"] = timing
-    json_path, md_path = args.out / "attribution.json", args.out / "attribution.md"
+    json_path, md_path = args.out / "attribution-datalevel.json", args.out / "attribution-datalevel.md"
     atomic_write_text(json_path, json.dumps(doc, indent=1, default=float) + "\n")
-    atomic_write_text(md_path, "# Attribution, false positives and fidelity (`python -m faceprint.bench attribution`)\n"
+    atomic_write_text(md_path, "# Attribution, false positives and fidelity: datalevel-bank "
+                      "(`python -m faceprint.bench attribution --mechanism datalevel-bank`)\n"
                       + "".join(T.md))
     print(f"\nwrote {json_path} and {md_path}", flush=True)
+    return 0
+
+
+# =================================================================================== keyed-bank
+KEYED_PARTS = "attribution-keyed-work"  # OUT/<this>: base model, owner folder, finished chunks
+KEYED_CHUNK = 500  # negative images per resumable chunk
+KEYED_INSTANCE_CHUNK = 10  # issued instances per resumable chunk of positives
+
+
+def _keyed_settings(args) -> dict:
+    return {"seed": args.seed, "train": args.train, "instances": args.instances, "faces": args.faces,
+            "attack_faces": args.attack_faces, "test_photos": args.test_photos, "test_faces": args.test_faces,
+            "fid_n": args.fid_n, "fid_reference": args.fid_reference, "target_fpr": args.target_fpr,
+            "batch": args.batch, "attacks": [[c, a, s] for c, a, s in ATTACK_COLUMNS]}
+
+
+def _run_keyed(args) -> int:
+    """The keyed-bank mechanism (:mod:`faceprint.fingerprint.keyed`), the one ``fingerprint issue``
+    makes: per-instance secrets, no calibration needed (the null is N(0, 1) by construction;
+    the threshold is the normal tail at ``--target-fpr`` with Sidak's correction over the registry).
+
+    1. The base generator (celeba-10k 1..--train) saved in OUT/attribution-keyed-work/ (it holds
+       the training photos' latents: the folder is a work folder, never commit it), an owner
+       folder there, ``--instances`` instances issued through :func:`owner.issue_instance`.
+    2. Positives: instance i draws ``--faces`` faces (seed + 1000 + i), verified clean and the
+       first ``--attack-faces`` of them under each attack column, against every issued code.
+    3. Test negatives: celeba-10k files after the training set, celeba-id, ``--test-faces`` faces
+       of the unfingerprinted model (seed + 2), each verified against every issued code.
+    4. Fidelity: FID of the unfingerprinted model and of instance-000, ``--fid-n`` faces each.
+
+    Every chunk (10 instances, 500 negatives, 250 FID faces) is kept in the work folder as it
+    finishes; ``--resume`` keeps them, ``--minutes`` stops before a new chunk."""
+    import shutil
+
+    from ..autoencoder import TAEF2
+    from ..data import FaceFolder, LatentCache, encode_folder
+    from ..data.folder import load_image
+    from ..fingerprint.keyed import fingerprint_keyed_instance, threshold_for
+    from ..fingerprint.owner import KEYED_MECHANISM, KeyedVerifier, Owner, issue_instance
+    from ..fingerprint.verification import clopper_pearson_upper
+    from ..io import atomic_write_text, sha256_file
+    from ..latent.generator import Generator, GeneratorConfig
+    from ..seeding import derive_seed
+    from .taming import DATA
+
+    t_start = time.perf_counter()
+    ds = args.datasets or DATA
+    for sub in ("celeba-10k", "celeba-id"):
+        if not (ds / sub / "images").is_dir():
+            print(f"datasets not found: {ds / sub / 'images'} is missing; pass --datasets", file=sys.stderr)
+            return 2
+    for _col, name, strength in ATTACK_COLUMNS[1:]:
+        _attack_spec(name, strength, None)
+    seed = args.seed
+    work = args.out / KEYED_PARTS
+    settings = _keyed_settings(args)
+    sig_path = work / "settings.json"
+    if args.resume and sig_path.is_file():
+        old = json.loads(sig_path.read_text())
+        if old != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
+            print(f"--resume: the run in {work} used other settings ({', '.join(diff)}); rerun with them, or without "
+                  "--resume to start over", file=sys.stderr)
+            return 2
+    elif work.exists():
+        shutil.rmtree(work)
+    (work / "parts").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sig_path, json.dumps(settings, indent=1) + "\n")
+    deadline = None if args.minutes is None else t_start + 60 * args.minutes
+    stopped = []
+
+    def budget_left(what: str) -> bool:
+        if deadline is not None and time.perf_counter() > deadline:
+            if not stopped:
+                _say(f"--minutes {args.minutes:g} used up before {what}: rerun with --resume to go on")
+            stopped.append(what)
+            return False
+        return True
+
+    def part(name: str, make):
+        """The JSON result of chunk ``name``: kept from an earlier run, or made now and kept."""
+        f = work / "parts" / f"{name}.json"
+        if f.is_file():
+            return json.loads(f.read_text())
+        if not budget_left(name):
+            return None
+        t = time.perf_counter()
+        d = make()
+        d["seconds"] = time.perf_counter() - t
+        atomic_write_text(f, json.dumps(d) + "\n")
+        return d
+
+    T = _Tables()
+    info = describe({
+        "seed": seed, "mechanism": "keyed-bank", "train photos": f"celeba-10k 1-{args.train}",
+        "instances": args.instances, "faces per instance": args.faces,
+        "target false-accusation rate per image": args.target_fpr,
+        "test": f"celeba-10k {args.train + 1:06d}-010000 + celeba-id "
+                f"({'all' if args.test_photos is None else f'first {args.test_photos} each'}) + "
+                f"{args.test_faces} unfingerprinted faces",
+        "FID": f"{args.fid_n} faces per model vs celeba-10k {REF_FIRST:06d}-{REF_FIRST + args.fid_reference - 1:06d}"
+               if args.fid_n else "skipped"})
+    T("Machine and settings", ["item", "value"], [[k, v] for k, v in info.items()])
+    doc: dict = {"machine": info, "seed": seed, "mechanism": "keyed-bank", "settings": settings}
+
+    # ------------------------------------------------------------------ 1. base model, owner, instances
+    ae = TAEF2.load(args.weights)
+    model_path = work / "model.safetensors"
+    if not model_path.is_file():
+        t0 = time.perf_counter()
+        ts = encode_folder(FaceFolder(ds / "celeba-10k" / "images", size=128, limit=args.train), ae, cache=LatentCache())
+        Generator(GeneratorConfig(), autoencoder=ae).fit(ts, seed=seed).save(model_path)
+        _say(f"generator fitted on {len(ts)} photos ({time.perf_counter() - t0:.0f} s)")
+        del ts
+    model_hash = sha256_file(model_path)
+    gen = Generator.load(model_path, autoencoder=ae)
+    owner = Owner(work / "owner")
+    with owner.open_registry() as reg:
+        have = {e.instance for e in reg.all()} if owner.secret_path.is_file() else set()
+    for i in range(args.instances):
+        name = f"instance-{i:03d}"
+        if name not in have:
+            issue_instance(gen, model_hash, owner, f"recipient-{i:03d}", name,
+                           seed=derive_seed(seed, "attribution-code", i), mechanism=KEYED_MECHANISM)
+    with owner.open_registry(create=False) as reg:
+        entries = sorted((e for e in reg.all() if e.mechanism == KEYED_MECHANISM), key=lambda e: e.instance)
+    entries = entries[: args.instances]
+    verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr)
+    secret = verifier.secret
+    (index, group), = verifier.groups
+    codes = [e.code for e in group]
+    k_reg = len(codes)
+    thr = verifier.threshold
+    lax = threshold_for(1e-3, k_reg)
+    doc["threshold"], doc["lax_threshold"], doc["sigma"] = thr, lax, secret.config.sigma
+    _say(f"{k_reg} keyed instances issued; accuse at T >= {thr:.2f} (Sidak over {k_reg} at {args.target_fpr:g} per "
+         f"image; at 1e-3: {lax:.2f})")
+
+    def score_matrix(x):  # (n, k_reg): KeyedVerifier's computation, keeping every instance's score
+        return index.residuals(x, batch=64).scores(secret, codes)
+
+    # ------------------------------------------------------------------ 2. positives
+    n_att = min(args.faces, args.attack_faces or args.faces)
+    pos_parts = []
+    for c0 in range(0, k_reg, KEYED_INSTANCE_CHUNK):
+        def make(c0=c0):
+            cols = {col: {"own": [], "best": [], "best_is_own": []} for col, _, _ in ATTACK_COLUMNS}
+            for i in range(c0, min(c0 + KEYED_INSTANCE_CHUNK, k_reg)):
+                e = group[i]
+                inst = fingerprint_keyed_instance(gen, secret, e.code, {"instance": e.instance})
+                x = torch.cat(list(_faces(inst, args.faces, seed + 1000 + i, args.batch)))
+                for col, aname, strength in ATTACK_COLUMNS:
+                    xa = x if aname is None else _attack(x[:n_att], aname, strength, seed, i, ae)
+                    sc = score_matrix(xa)
+                    v, j = sc.max(1)
+                    cols[col]["own"] += sc[:, i].tolist()
+                    cols[col]["best"] += v.tolist()
+                    cols[col]["best_is_own"] += (j == i).tolist()
+            return cols
+        d = part(f"positives-{c0:03d}", make)
+        if d is None:
+            break
+        pos_parts.append(d)
+        _say(f"positives: instances {c0}-{min(c0 + KEYED_INSTANCE_CHUNK, k_reg) - 1} ({d['seconds']:.0f} s)")
+    pos_done = min(k_reg, len(pos_parts) * KEYED_INSTANCE_CHUNK)
+    rows, pos_doc = [], {}
+    if pos_parts:
+        for col, _, _ in ATTACK_COLUMNS:
+            own = np.array([s for p in pos_parts for s in p[col]["own"]])
+            best = np.array([s for p in pos_parts for s in p[col]["best"]])
+            is_own = np.array([b for p in pos_parts for b in p[col]["best_is_own"]], dtype=bool)
+            match = best >= thr
+            right, wrong = float((match & is_own).mean()), float((match & ~is_own).mean())
+            lax_right = float(((best >= lax) & is_own).mean())
+            pos_doc[col] = {"n": int(own.size), "right": right, "not_ours": float((~match).mean()), "wrong": wrong,
+                            "right_at_1e-3": lax_right, "own_score_median": float(np.median(own)),
+                            "own_score_p5": float(np.percentile(own, 5)), "own_scores": own.round(3).tolist()}
+            rows.append([col, int(own.size), f"{np.median(own):.1f}", f"{np.percentile(own, 5):.1f}", _pct(right),
+                         _pct(float((~match).mean())), _pct(wrong), _pct(lax_right)])
+        T(f"Attribution of {pos_done} keyed instances x {args.faces} faces (8-bit; {n_att} per instance under each "
+          f"attack), verified against the registry of {k_reg} (accuse at T >= {thr:.2f})",
+          ["attack", "faces", "own score: median", "p5", "right instance", '"not ours"', "wrong instance",
+           "right at 1e-3"], rows,
+          note="Score T: the normalised correlation of the image's residual (image latent minus its rendered, "
+               "pattern-free reference) with the instance's keyed pattern; N(0, 1) for any image the instance did "
+               "not make. Attacks: faceprint.fingerprint.attacks at papers/004's working range (as the datalevel "
+               "table). \"Wrong instance\": the best-scoring code above the threshold is another recipient's.")
+    doc["attribution"] = {"instances_measured": pos_done, "faces_per_instance": args.faces, "attacked_per_instance": n_att,
+                          "columns": pos_doc}
+
+    # ------------------------------------------------------------------ 3. test negatives
+    ids = sorted(p for p in (ds / "celeba-10k" / "images").iterdir() if p.stem.isdigit())
+    test10k = [p for p in ids if args.train < int(p.stem) <= 10000]
+    idp = sorted(p for p in (ds / "celeba-id" / "images").rglob("*") if p.is_file() and not p.name.startswith("."))
+    if args.test_photos is not None:
+        test10k, idp = test10k[: args.test_photos], idp[: args.test_photos]
+    sources = [(f"celeba-10k {args.train + 1:06d}-010000 photos", test10k), ("celeba-id photos", idp),
+               ("unfingerprinted faces", args.test_faces)]
+    neg: dict[str, list] = {}
+    for label, src in sources:
+        n_src = src if isinstance(src, int) else len(src)
+        neg[label] = []
+        for c0 in range(0, n_src, KEYED_CHUNK):
+            def make(src=src, c0=c0, n_src=n_src):
+                if isinstance(src, int):
+                    m = min(KEYED_CHUNK, n_src - c0)
+                    smp = gen.sample_latents(m, seed=seed + 2, start=c0, guard=None)
+                    x = _q8(ae.decode(smp.latents.float()))
+                else:
+                    x = torch.stack([load_image(f, 128) for f in src[c0:c0 + KEYED_CHUNK]])
+                sc = score_matrix(x)
+                return {"best": sc.max(1).values.tolist(), "all_mean": float(sc.mean()), "all_sq": float(sc.pow(2).mean()),
+                        "all_n": int(sc.numel())}
+            d = part(f"negatives-{label.split()[0]}-{'faces' if isinstance(src, int) else 'photos'}-{c0:05d}", make)
+            if d is None:
+                break
+            neg[label].append(d)
+        if neg[label]:
+            _say(f"negatives: {label}: {sum(len(d['best']) for d in neg[label])} of {n_src}")
+    rows, neg_doc = [], {}
+    all_best = []
+    for label, parts in neg.items():
+        if not parts:
+            continue
+        best = np.array([s for d in parts for s in d["best"]])
+        n_all = sum(d["all_n"] for d in parts)
+        mean = sum(d["all_mean"] * d["all_n"] for d in parts) / n_all
+        std = math.sqrt(max(sum(d["all_sq"] * d["all_n"] for d in parts) / n_all - mean ** 2, 0))
+        f1, f3 = int((best >= thr).sum()), int((best >= lax).sum())
+        exp3 = best.size * 1e-3
+        neg_doc[label] = {"n": int(best.size), "false_matches": f1, "false_matches_at_1e-3": f3,
+                          "expected_at_1e-3": exp3, "max_best_score": float(best.max()),
+                          "score_mean_all_codes": mean, "score_std_all_codes": std}
+        rows.append([label, int(best.size), f1, f"{f3} ({exp3:.1f} expected)", f"{best.max():.2f}",
+                     f"{mean:+.3f} / {std:.3f}"])
+        all_best.append(best)
+    n_test = int(sum(b.size for b in all_best))
+    n_false = int(sum((b >= thr).sum() for b in all_best))
+    ub = clopper_pearson_upper(n_false, n_test) if n_test else 1.0
+    met_neg = n_false == 0 and n_test >= 10_000
+    if rows:
+        rows.append(["all test negatives", n_test, n_false, int(sum((b >= lax).sum() for b in all_best)),
+                     f"{max(float(b.max()) for b in all_best):.2f}", "-"])
+        T(f"Test negatives verified against the registry of {k_reg} (no calibration set: the threshold comes from the "
+          "score's known null)",
+          ["source", "images", f"false matches (T >= {thr:.2f})", f"at 1e-3 (T >= {lax:.2f})", "highest score",
+           f"score mean / std over all {k_reg} codes"], rows,
+          note=f"False matches: {n_false} among {n_test} test negatives (95 % upper bound on the rate {ub:.2g}; the "
+               f"bound the threshold promises: {args.target_fpr:g} per image). The score of an image against a code that "
+               f"did not make it should be N(0, 1): the last column checks it. Criterion \"zero false matches among "
+               f">= 10,000 negatives\": {'met' if met_neg else 'NOT met'}"
+               f"{'' if n_test >= 10_000 else f' (only {n_test} test negatives so far)'}.")
+    doc["test_negatives"] = {"n": n_test, "false_matches": n_false, "false_match_rate_upper_bound": ub,
+                             "zero_false_matches_among_10000": met_neg, "sources": neg_doc}
+
+    # ------------------------------------------------------------------ 4. fidelity
+    if args.fid_n:
+        from ..metrics import InceptionFeatures, fid
+        from .taming import cached_features
+
+        inc = InceptionFeatures.load()
+        ref_files = [p for p in ids if REF_FIRST <= int(p.stem) <= REF_LAST][: args.fid_reference]
+        inst0 = fingerprint_keyed_instance(gen, secret, group[0].code, {"instance": group[0].instance})
+        chunks = []
+        for s0 in range(0, args.fid_n, args.batch):
+            def make(s0=s0):
+                m = min(args.batch, args.fid_n - s0)
+                a = gen.sample_latents(m, seed=seed, start=s0)
+                b = inst0.sample_latents(m, seed=seed, start=s0)
+                xa, xb = _q8(ae.decode(a.latents.float())), _q8(ae.decode(b.latents.float()))
+                return {"base": inc.features(xa).tolist(), "instance": inc.features(xb).tolist(),
+                        "psnr": _psnr_each(xb, xa).tolist(),
+                        "same": (a.provenance == b.provenance).double().flatten(1).mean(1).tolist()}
+            d = part(f"fid-{s0:05d}", make)
+            if d is None:
+                break
+            chunks.append(d)
+        n_f = sum(len(d["psnr"]) for d in chunks)
+        if n_f == args.fid_n:
+            ref = cached_features(ref_files, inc, args.batch)
+            fb = float(fid(np.array([f for d in chunks for f in d["base"]]), ref))
+            fi = float(fid(np.array([f for d in chunks for f in d["instance"]]), ref))
+            p = np.array([v for d in chunks for v in d["psnr"]])
+            same = float(np.mean([v for d in chunks for v in d["same"]]))
+            T(f"Fidelity: FID of {args.fid_n} faces (seed {seed}) vs {len(ref)} celeba-10k photos "
+              f"{REF_FIRST:06d}-{REF_FIRST + len(ref) - 1:06d}",
+              ["model", "FID", "vs unfingerprinted", "PSNR vs unfingerprinted, same seed (dB)", "same provenance"],
+              [["unfingerprinted", f"{fb:.2f}", "-", "-", "-"],
+               [f"instance-000 (sigma {secret.config.sigma:g})", f"{fi:.2f}", f"{fi - fb:+.2f}",
+                f"{p.mean():.2f} (median {np.median(p):.2f}, min {p.min():.2f})", f"{same:.3f}"]],
+              note=f"Criterion \"FID within +2 of the unfingerprinted model\": {'met' if fi - fb <= 2 else 'NOT met'}. "
+                   "A keyed instance re-estimates its mixture on the marked bank (so the released mixture does not "
+                   "reveal the mark), so the same seed draws another face: the PSNR column compares different faces, "
+                   "not the mark's visibility (that is measured by `bench redteam` on the same latent pixels).")
+            doc["fidelity"] = {"n": args.fid_n, "reference": len(ref), "fid": {"unfingerprinted": fb, "instance-000": fi},
+                               "fid_difference": fi - fb, "psnr_db_mean": float(p.mean()), "psnr_db_min": float(p.min()),
+                               "same_provenance_share": same}
+        else:
+            doc["fidelity"] = {"faces_done": n_f, "of": args.fid_n}
+
+    seconds = {f.stem: json.loads(f.read_text())["seconds"] for f in sorted((work / "parts").glob("*.json"))}
+    timing = {"positives (s, all chunks)": sum(v for k, v in seconds.items() if k.startswith("positives")),
+              "negatives (s, all chunks)": sum(v for k, v in seconds.items() if k.startswith("negatives")),
+              "FID faces + features (s, all chunks)": sum(v for k, v in seconds.items() if k.startswith("fid")),
+              "this invocation (s)": time.perf_counter() - t_start}
+    T("Time (sums of the chunks' own times, over every run that made them)", ["stage", "value"],
+      [[k, f"{v:.1f}"] for k, v in timing.items()])
+    doc["timing"] = timing
+    doc["complete"] = not stopped
+    json_path, md_path = args.out / "attribution-keyed.json", args.out / "attribution-keyed.md"
+    atomic_write_text(json_path, json.dumps(doc, indent=1, default=float) + "\n")
+    atomic_write_text(md_path, "# Attribution, false positives and fidelity: keyed-bank "
+                      "(`python -m faceprint.bench attribution --mechanism keyed-bank`)\n"
+                      + ("\nIncomplete: the --minutes budget ran out; rerun with --resume to add the missing chunks.\n"
+                         if stopped else "") + "".join(T.md))
+    print(f"\nwrote {json_path} and {md_path}" + (" (incomplete: rerun with --resume)" if stopped else ""), flush=True)
     return 0
