@@ -18,6 +18,11 @@ Each removal row gives the share of faces whose right recipient is still accused
 calibrated threshold, the PSNR of the attacked faces to the unattacked ones (same seeds and
 provenance), and FID of the attacked model's faces against celeba-10k 005001-010000 (``--fid-n``
 faces per row; the issue's protocol is 5,000). Results: OUT/redteam.{md,json}.
+
+Resumable: every FID and every chunk of real-photo scores (the long parts) is kept in
+OUT/partial-redteam/ as it finishes, with the settings it ran with; ``--resume`` reuses them
+(everything else is recomputed: it is deterministic given the seed), ``--minutes M`` stops before
+a new FID or chunk once M minutes have passed (rerun with --resume to go on).
 """
 
 from __future__ import annotations
@@ -53,6 +58,48 @@ def add_arguments(p) -> None:
                         "training photos, then celeba-id; from the latent cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resume", action="store_true", help="reuse the FIDs and negative chunks an earlier run with "
+                   "these settings kept in OUT/partial-redteam")
+    p.add_argument("--minutes", type=float, default=None, help="stop before a new FID or chunk after this many minutes")
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class _Memo:
+    """JSON results of the long steps, kept in a folder with the settings they were made with."""
+
+    def __init__(self, folder: Path, settings: dict, *, resume: bool, deadline: float | None):
+        import shutil
+
+        from ..io import atomic_write_text
+
+        self.folder, self.deadline = folder, deadline
+        sig = folder / "settings.json"
+        same = resume and sig.is_file() and json.loads(sig.read_text()) == json.loads(json.dumps(settings))
+        if resume and sig.is_file() and not same:
+            raise SystemExit(f"--resume: {folder} holds a run with other settings; rerun with them or without --resume")
+        if not same and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(sig, json.dumps(settings) + "\n")
+        self.reused = 0
+
+    def get(self, key: str, make):
+        import hashlib
+
+        from ..io import atomic_write_text
+
+        f = self.folder / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+        if f.is_file():
+            self.reused += 1
+            return json.loads(f.read_text())["value"]
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise _OutOfTime(key)
+        v = make()
+        atomic_write_text(f, json.dumps({"key": key, "value": v}) + "\n")
+        return v
 
 
 def _say(msg):
@@ -97,6 +144,25 @@ def lattice_concentration(bank: torch.Tensor, channels: torch.Tensor, scale: tor
 
 
 def run(args) -> int:
+    from .taming import DATA
+
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    ds = args.datasets or DATA
+    args.out.mkdir(parents=True, exist_ok=True)
+    memo = _Memo(args.out / "partial-redteam",
+                 {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                  if k not in ("handler", "out", "resume", "minutes", "datasets", "weights")},
+                 resume=getattr(args, "resume", False),
+                 deadline=None if getattr(args, "minutes", None) is None else t_start + 60 * args.minutes)
+    try:
+        return _run(args, memo, t_start, ds)
+    except _OutOfTime as e:
+        _say(f"--minutes {args.minutes:g} used up before {e}; the finished steps are kept: rerun with --resume")
+        return 0
+
+
+def _run(args, memo, t_start, ds) -> int:
     from ..autoencoder import TAEF2
     from ..data import FaceFolder, LatentCache, encode_folder
     from ..data.folder import load_image
@@ -106,12 +172,7 @@ def run(args) -> int:
     from ..fingerprint.registry import code_to_hex, random_code
     from ..latent.generator import Generator, GeneratorConfig
     from ..latent.refine import gather
-    from .taming import DATA
 
-    t_start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    ds = args.datasets or DATA
-    args.out.mkdir(parents=True, exist_ok=True)
     ae = TAEF2.load(args.weights)
     md: list[str] = []
     doc: dict = {"seed": args.seed}
@@ -164,16 +225,18 @@ def run(args) -> int:
         inception = InceptionFeatures.load()
         ref_feat = _reference_features(ds, inception, 5000, args.batch)
 
-    def fid_of(make_faces) -> float | None:
-        """FID of --fid-n faces from make_faces(n, seed) -> images."""
+    def fid_of(make_faces, key: str) -> float | None:
+        """FID of --fid-n faces from make_faces(n, seed) -> images (kept under ``key`` for --resume)."""
         if not args.fid_n:
             return None
         from ..metrics import fid
 
-        feats = []
-        for s in range(0, args.fid_n, 250):
-            feats.append(inception.features(make_faces(min(250, args.fid_n - s), args.seed + 500 + s)))
-        return float(fid(np.concatenate(feats), ref_feat))
+        def make():
+            feats = []
+            for s in range(0, args.fid_n, 250):
+                feats.append(inception.features(make_faces(min(250, args.fid_n - s), args.seed + 500 + s)))
+            return float(fid(np.concatenate(feats), ref_feat))
+        return memo.get("fid: " + key, make)
 
     # ------------------------------------------------------------------ key recovery
     kr_rows = []
@@ -252,8 +315,8 @@ def run(args) -> int:
     # ------------------------------------------------------------------ removal
     x_clean, prov = faces_of(inst[4])
     s_clean = scores(x_clean)
-    fid_clean = fid_of(lambda n, s: faces_of(inst[4], n, s)[0])
-    fid_base = fid_of(lambda n, s: faces_of(base, n, s)[0])
+    fid_clean = fid_of(lambda n, s: faces_of(inst[4], n, s)[0], "the instance")
+    fid_base = fid_of(lambda n, s: faces_of(base, n, s)[0], "the base model")
     rem_rows = []
     doc["removal"] = []
 
@@ -284,7 +347,7 @@ def run(args) -> int:
         ga.bank_ = bank.to(inst[4].bank_.dtype).contiguous()
         ga._cache = {}
         xa = _q8(ae.decode(gather(ga.bank_.float(), prov)))
-        add_row(name, xa, scores(xa), fid_of(lambda n, s: faces_of(ga, n, s)[0]), note)
+        add_row(name, xa, scores(xa), fid_of(lambda n, s: faces_of(ga, n, s)[0], name), note)
 
     for tau in (0.15, 0.3, 0.6):
         noise = torch.einsum("cm,nmhw->nchw", Vd, torch.randn(N, Vd.shape[1], h, w, generator=g)) * tau
@@ -314,7 +377,7 @@ def run(args) -> int:
     refit = Generator(GeneratorConfig(), autoencoder=ae).fit(_SimpleSet(torch.cat(many)), seed=args.seed + 1)
     xr, _ = faces_of(refit)
     add_row(f"model refitted on {args.train} of the instance's faces", xr, scores(xr),
-            fid_of(lambda n, s: faces_of(refit, n, s)[0]), f"other faces: no PSNR; refit {time.perf_counter() - t1:.0f} s",
+            fid_of(lambda n, s: faces_of(refit, n, s)[0], "refit"), f"other faces: no PSNR; refit {time.perf_counter() - t1:.0f} s",
             same_faces=False)
     # decoder weights perturbed (what a fine-tune that keeps the faces can do at most to a latent mark)
     base_ae = getattr(ae, "base", ae)
@@ -323,7 +386,8 @@ def run(args) -> int:
     dec_ae = base_ae.with_decoder_state(noisy)
     xd = _q8(dec_ae.decode(gather(inst[4].bank_.float(), prov)))
     add_row("decoder weights + 2% Gaussian noise (per tensor std)", xd, scores(xd),
-            fid_of(lambda n, s: _q8(dec_ae.decode(inst[4].sample_latents(n, seed=s, guard=None).latents.float()))))
+            fid_of(lambda n, s: _q8(dec_ae.decode(inst[4].sample_latents(n, seed=s, guard=None).latents.float())),
+                   "decoder noise"))
     from ..fingerprint.attacks import ATTACKS
 
     for aname, strength, label in (("jpeg", 90, "JPEG 90"), ("jpeg", 70, "JPEG 70"), ("jpeg", 50, "JPEG 50"),
@@ -427,9 +491,11 @@ def run(args) -> int:
             lat, rel = ls.latents[skip:], ls.relpaths[skip:]
             s_neg = []
             for b in range(0, len(lat), 512):  # the photos themselves too: verify chooses the edit on them
-                imgs = torch.stack([load_image(folder / r, 128) for r in rel[b:b + 512]])
-                s_neg.append(index.residuals_of_latents(lat[b:b + 512], batch=args.batch, images=imgs)
-                             .scores(secret, codes))
+                def make(b=b):
+                    imgs = torch.stack([load_image(folder / r, 128) for r in rel[b:b + 512]])
+                    return index.residuals_of_latents(lat[b:b + 512], batch=args.batch, images=imgs) \
+                        .scores(secret, codes).tolist()
+                s_neg.append(torch.tensor(memo.get(f"negatives: {label} {b} {len(lat[b:b + 512])}", make)))
             s_neg = torch.cat(s_neg)
             all_s.append(s_neg)
             left -= len(lat)
@@ -455,10 +521,12 @@ def run(args) -> int:
 
     # ------------------------------------------------------------------ write
     doc["minutes"] = (time.perf_counter() - t_start) / 60
+    doc["steps_reused"] = memo.reused
     head = ["# Red team: the recipient against the fingerprint (`python -m faceprint.bench redteam`)", "",
             f"Command: `python -m faceprint.bench redteam --out OUT --train {args.train} --faces {args.faces} "
             f"--fid-n {args.fid_n} --framing-faces {args.framing_faces} --negatives {getattr(args, 'negatives', 0)} "
-            f"--target-fpr {args.target_fpr:g} --lax-fpr {args.lax_fpr:g} --seed {args.seed}` ({doc['minutes']:.0f} min; the machine was shared "
+            f"--target-fpr {args.target_fpr:g} --lax-fpr {args.lax_fpr:g} --seed {args.seed}` ({doc['minutes']:.0f} min"
+            f"{f', with {memo.reused} FIDs or chunks kept from an earlier run (--resume)' if memo.reused else ''}; the machine was shared "
             "with other jobs: times are contended).", "", "| item | value |", "|---|---|"]
     head += [f"| {k} | {v} |" for k, v in info.items()]
     text = "\n".join(head + md) + "\n"
