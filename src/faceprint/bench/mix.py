@@ -72,9 +72,12 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the machine usable)")
     p.add_argument("--train-only", action="store_true", help="only prepare the data and train --model")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="with --train-only: which model")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the mixers trained so far as they are (no further training; incomplete ones are marked)")
     p.add_argument("--pairs", type=int, default=500, help="canvas pairs (default 500)")
     p.add_argument("--face-pairs", type=int, default=500, help="face hybrid pairs (default 500)")
-    p.add_argument("--classifier-steps", type=int, default=600)
+    p.add_argument("--classifier-steps", type=int, default=600, help="training steps of the repetition classifier")
+    p.add_argument("--seam-steps", type=int, default=2000, help="training steps of the seam classifier")
     p.add_argument("--resume", action="store_true", help="reuse the stages an earlier run with the same settings finished")
     p.add_argument("--publish", type=Path, default=None, help="copy mix.md and mix.json (and the texture grid) here")
     p.add_argument("--contended", action="store_true", help="mark the timings as measured while other jobs ran")
@@ -153,8 +156,10 @@ def train_model(args, name: str, data, ae):
     final = _mixer_path(args, name)
     if final.is_file():
         m = TextureMixer.load(final, autoencoder=ae)
-        if m.provenance_.get("complete"):
+        if m.provenance_.get("complete") or getattr(args, "eval_only", False):
             return m
+    if getattr(args, "eval_only", False):
+        raise SystemExit(f"--eval-only: no trained mixer {final.name}; train it first (--train-only --model {name})")
     mc, tc = MODELS[name]
     gw = args.gram_weight if args.gram_weight is not None else DEFAULT_GRAM_WEIGHT
     cfg = MixerConfig(**mc)
@@ -185,7 +190,8 @@ def train_classifiers(args, data) -> tuple:
     from ..mixing.networks import PatchClassifier
     from safetensors.torch import load_file, save_file
 
-    path = args.out / f"classifiers-seed{args.seed}-steps{args.classifier_steps}.safetensors"
+    seam_steps = getattr(args, "seam_steps", None) or args.classifier_steps
+    path = args.out / f"classifiers-seed{args.seed}-steps{args.classifier_steps}-seam{seam_steps}.safetensors"
     res_path = path.with_suffix(".json")
     seam, rep = PatchClassifier(), PatchClassifier()
     if path.is_file() and res_path.is_file():
@@ -198,7 +204,7 @@ def train_classifiers(args, data) -> tuple:
     btr, bte = data["train_bands"], data["test_bands"]
     bs = 64
     seam = ev.train_classifier(lambda s: ev.seam_examples(tr, bs, seed=args.seed * 100003 + s),
-                               steps=args.classifier_steps, seed=args.seed)
+                               steps=seam_steps, seed=args.seed)
     t_seam = time.perf_counter() - t0
     rep = ev.train_classifier(lambda s: ev.repetition_examples(btr, bs, seed=args.seed * 100003 + s),
                               steps=args.classifier_steps, seed=args.seed + 1)
@@ -207,7 +213,7 @@ def train_classifiers(args, data) -> tuple:
     xs_tr, ys_tr = ev.seam_examples(tr, 2000, seed=2 * 10 ** 6 + args.seed)
     res = {"seam_heldout_accuracy": ev.accuracy(seam, xs, ys), "repetition_heldout_accuracy": ev.accuracy(rep, xr, yr),
            "seam_train_accuracy": ev.accuracy(seam, xs_tr, ys_tr), "heldout_examples": 2000,
-           "steps": args.classifier_steps, "batch": bs, "seconds": round(time.perf_counter() - t0, 1),
+           "steps": args.classifier_steps, "seam_steps": seam_steps, "batch": bs, "seconds": round(time.perf_counter() - t0, 1),
            "seam_seconds": round(t_seam, 1),
            "seam_score_real_test_crops": float(ev.scores(seam, te).mean()),
            "repetition_score_real_test_bands": float(ev.scores(rep, bte).mean())}
@@ -402,6 +408,25 @@ def _skimage_canvas(mixers, ae, seed):
     return canv, pairs
 
 
+def _feature_cache(args):
+    """Inception features of the real reference sets, kept in OUT (outside the repository)."""
+    from ..metrics import FeatureCache
+
+    return FeatureCache(args.out / "features")
+
+
+def real_centres(crops: torch.Tensor, pairs: int, seed: int) -> torch.Tensor:
+    """The real test crops the centre KID and SWD compare with (a seeded subset, >= 250)."""
+    idx = torch.randperm(crops.shape[0], generator=torch.Generator().manual_seed(seed))[:max(pairs, 250)]
+    return crops[idx]
+
+
+def real_faces(faces: torch.Tensor, seed: int, n: int = 400) -> torch.Tensor:
+    """The real test-person photos the hybrids' KID compares with (a seeded subset)."""
+    idx = torch.randperm(faces.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:n]
+    return faces[idx]
+
+
 # -------------------------------------------------------------------------------- run
 def run(args) -> int:
     torch.set_num_threads(max(1, args.threads))
@@ -431,15 +456,14 @@ def run(args) -> int:
     te = data["test_crops"]
     pairs = _pairs(args.pairs, data["test_owner"], args.seed)
     key = {"seed": args.seed, "steps": args.steps, "pairs": args.pairs, "gram": args.gram_weight,
-           "cls": args.classifier_steps, "batch": args.batch}
+           "cls": args.classifier_steps, "seam": args.seam_steps, "batch": args.batch}
     canvas = _load_stage(args, "canvas", key)
     if canvas is None:
         t0 = time.perf_counter()
         canv, secs = canvas_rows(args, mixers, ae, te, pairs)
-        real_centres = te[torch.randperm(te.shape[0], generator=torch.Generator().manual_seed(args.seed))[:max(
-            args.pairs, 250)]]
-        real_feats = inc.features(real_centres, batch_size=50)
-        metrics = canvas_metrics(canv, te, pairs, seam, rep, inc, enc_gram, ae, real_centres, real_feats, args.seed)
+        real_c = real_centres(te, args.pairs, args.seed)
+        real_feats = inc.features(real_c, batch_size=50, cache=_feature_cache(args))
+        metrics = canvas_metrics(canv, te, pairs, seam, rep, inc, enc_gram, ae, real_c, real_feats, args.seed)
         for r, s in secs.items():
             metrics[r]["seconds_per_canvas_in_batch_run"] = s
         canvas = {"metrics": metrics, "seconds": time.perf_counter() - t0}
@@ -453,9 +477,10 @@ def run(args) -> int:
         faces = data["test_faces"]
         fpairs = _pairs(args.face_pairs, data["test_person"], args.seed + 7)
         rows = face_rows(args, mixers["ours"], ae, faces, fpairs)
-        real_feats = inc.features(faces, batch_size=50)
+        real = real_faces(faces, args.seed)
+        real_feats = inc.features(real, batch_size=50, cache=_feature_cache(args))
         faces_res = {"metrics": face_metrics(rows, faces, fpairs, seam, inc, real_feats, ae, args.seed),
-                     "seconds": time.perf_counter() - t0, "real_faces": int(faces.shape[0])}
+                     "seconds": time.perf_counter() - t0, "real_faces": int(real.shape[0])}
         from .. import render
 
         # columns: A, B, pixel blend, latent blend, ours
@@ -521,6 +546,42 @@ def _speed(mixer, crops, faces, repeats, statistics) -> dict:
             "note": "encode + shuffle/blend + harmonise + decode, median"}
 
 
+def acceptance(results) -> list[list]:
+    """Issue 15's acceptance criteria, each with the measured value and whether it holds."""
+    m, f, c, s = results["canvas"]["metrics"], results["faces"]["metrics"], results["classifiers"], results["speed"]
+    o = m["ours"]
+    rows = []
+
+    def add(name, value, ok):
+        rows.append([name, value, "yes" if ok else "NO"])
+
+    add("CSS ours <= 0.2 x naive pixel blend", f"{o['css']:.4f} vs 0.2 x {m['pixel']['css']:.4f}",
+        o["css"] <= 0.2 * m["pixel"]["css"])
+    add("CSS ours <= plain latent blend", f"{o['css']:.4f} vs {m['latent']['css']:.4f}", o["css"] <= m["latent"]["css"])
+    add("CRS ours <= 0.05", f"{o['crs']:.4f}", o["crs"] <= 0.05)
+    add("CRS ours < no-shuffling ablation", f"{o['crs']:.4f} vs {m['no_shuffle']['crs']:.4f}",
+        o["crs"] < m["no_shuffle"]["crs"])
+    rt = m["roundtrip"]["side_1-ssim"]
+    add("side 1-SSIM ours <= TAEF2 round trip + 0.02", f"{o['side_1-ssim']:.4f} vs {rt:.4f} + 0.02",
+        o["side_1-ssim"] <= rt + 0.02)
+    add("CSWD ours <= latent blend", f"{o['cswd']:.2f} vs {m['latent']['cswd']:.2f}", o["cswd"] <= m["latent"]["cswd"])
+    add("centre KID ours <= latent blend", f"{o['centre_kid']:.4f} vs {m['latent']['centre_kid']:.4f}",
+        o["centre_kid"] <= m["latent"]["centre_kid"])
+    add("seam classifier held-out accuracy >= 0.95", f"{c['seam_heldout_accuracy']:.4f}", c["seam_heldout_accuracy"] >= 0.95)
+    add("repetition classifier held-out accuracy >= 0.95", f"{c['repetition_heldout_accuracy']:.4f}",
+        c["repetition_heldout_accuracy"] >= 0.95)
+    add("faces: band seam score ours < pixel and < latent",
+        f"{f['ours']['band_seam_score']:.4f} vs {f['pixel']['band_seam_score']:.4f}, {f['latent']['band_seam_score']:.4f}",
+        f["ours"]["band_seam_score"] < min(f["pixel"]["band_seam_score"], f["latent"]["band_seam_score"]))
+    add("faces: KID ours <= latent blend", f"{f['ours']['kid']:.4f} vs {f['latent']['kid']:.4f}",
+        f["ours"]["kid"] <= f["latent"]["kid"])
+    lo = min(f["ours"]["ssim_left_vs_A_roundtrip"], f["ours"]["ssim_right_vs_B_roundtrip"])
+    add("faces: SSIM outside the band to each round trip >= 0.9", f"{lo:.4f}", lo >= 0.9)
+    add("speed: 64 x 512 canvas <= 2 s", f"{s['canvas_64x512_s']:.3f} s", s["canvas_64x512_s"] <= 2)
+    add("speed: face mix <= 0.2 s", f"{s['face_hybrid_128_s']:.3f} s", s["face_hybrid_128_s"] <= 0.2)
+    return rows
+
+
 def _f(v, d=4):
     return "-" if v is None else f"{v:.{d}f}"
 
@@ -562,6 +623,8 @@ def write_results(args, results) -> None:
                      "SSIM right vs B round trip"],
                     [[r, _f(x["band_seam_score"]), _f(x["kid"]), _f(x["ssim_left_vs_A_roundtrip"]),
                       _f(x["ssim_right_vs_B_roundtrip"])] for r, x in f.items()])
+        print_table("Acceptance of issue 15 (computed from the numbers above)", ["criterion", "value", "met"],
+                    acceptance(results))
         s = results["speed"]
         print_table("Speed (" + results["machine"]["timings"] + ")", ["operation", "seconds"],
                     [["64 x 512 canvas (ours)", _f(s["canvas_64x512_s"], 3)],
