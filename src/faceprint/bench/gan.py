@@ -162,16 +162,19 @@ def run(args) -> int:
             run_key = {"protocol": proto, "variant": variant, "seed": seed, "config": cfg.to_dict(), "n": args.n,
                        "curve_n": args.curve_n, "reference_n": len(ref_idx), "held_n": len(held_idx)}
             done = out / "partial" / f"{key}.json"
-            saved = _resumed(done, run_key) if args.resume else None
+            saved = _resumed_row(done, run_key) if args.resume else None
             if saved is not None:
                 results[key], curves[key] = saved["row"], saved["curve"]
                 print(f"  {key}: FID {saved['row']['fid']:.2f} (resumed)", flush=True)
                 continue
-            if deadline is not None and time.perf_counter() > deadline:
-                stopped_early = True
-                break
             ckpt = out / "ckpt" / f"{key}.safetensors"
             curve_file = out / "partial" / f"{key}-curve.json"
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped_early = True  # keep collecting the rows other invocations finished
+                unfinished = _resumed(curve_file, run_key) if ckpt.is_file() else None
+                if unfinished:
+                    curves[f"{key} (unfinished)"] = unfinished
+                continue
             curve = _resumed(curve_file, run_key) if (args.resume and ckpt.is_file()) else None
             curve = list(curve or [])
             if not args.resume and ckpt.exists():
@@ -204,9 +207,10 @@ def run(args) -> int:
                     break
             if gan.provenance_["iterations"] < args.iterations and not gan.provenance_.get("stopped"):
                 stopped_early = True
+                curves[f"{key} (unfinished)"] = curve
                 print(f"  {key}: stopped at iteration {gan.provenance_['iterations']} (time); run again with --resume",
                       flush=True)
-                break
+                continue
             row = _score(gan, args.n, ctx)
             pv = gan.provenance_
             row.update({"label": VARIANTS[variant][0], "variant": variant, "protocol": proto, "seed": seed,
@@ -220,8 +224,6 @@ def run(args) -> int:
             results[key], curves[key] = _jsonable(row), curve
             atomic_write_text(done, json.dumps({"run": run_key, "row": results[key], "curve": curve}, default=float))
             print(f"  {key}: FID@{args.n} {row['fid']:.2f}  ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
-        if stopped_early:
-            break
         # baselines at the same n on this protocol
         for b in [b for b in args.baselines.split(",") if b]:
             key = f"{proto}-{b}"
@@ -234,12 +236,10 @@ def run(args) -> int:
                 continue
             if deadline is not None and time.perf_counter() > deadline:
                 stopped_early = True
-                break
+                continue
             baselines[key] = _jsonable(_baseline(b, proto, X, all_ls, train_idx, args, ctx))
             atomic_write_text(done, json.dumps({"run": run_key, "row": baselines[key]}, default=float))
             print(f"  {key}: FID@{args.n} {baselines[key]['fid']:.2f}", flush=True)
-        if stopped_early:
-            break
 
     quoted = _quoted_quality()
     doc = {"machine": info, "results": results, "curves": curves, "baselines": baselines, "quoted": quoted,
@@ -258,6 +258,14 @@ def run(args) -> int:
     if stopped_early:
         print("this invocation stopped early (--minutes): run the same command with --resume to finish")
     return 0
+
+
+def _resumed_row(path, run_key: dict):
+    """{"row", "curve"} of a finished configuration saved with the same settings, or None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return {"row": saved["row"], "curve": saved.get("curve", [])} if saved.get("run") == run_key else None
 
 
 def _faces_features(gan, n: int, ctx, seed: int | None = None):
