@@ -349,6 +349,7 @@ def test_cli_train_generate_inspect_evaluate_fingerprint(tmp_path, celeba_dir, c
     gen = Generator.load(model)
     ev = evaluate_generator(gen, real, n=8, batch=8, inception=PooledPixels())
     assert ev.n_generated == 8 and ev.n_real == 8 and ev.fid > 0 and not ev.provenance
+    assert ev.settings["method"] == "gan"  # what was sampled, not the LR-GMM config's method
     inst = tmp_path / "alice.safetensors"
     code = main(["fingerprint", "issue", str(model), "--to", "Alice", "-o", str(inst), "--seed", "3",
                  "--owner", str(tmp_path / "owner")])

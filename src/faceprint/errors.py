@@ -69,3 +69,19 @@ class OutputError(FileAccessError):
 class SpecialFileError(FileAccessError):
     """A path that should be a regular file is a FIFO, device, socket or folder, or its read
     does not end (larger than the bound, or no progress)."""
+
+
+class SmallDataWarning(FaceprintWarning):
+    """Fewer training latents than a GAN needs to avoid collapse and memorisation (faceprint.gan)."""
+
+
+class TrainingDivergedWarning(FaceprintWarning):
+    """GAN training stopped on a NaN or exploding loss; the last good checkpoint state was kept."""
+
+
+class TrainingDivergedError(FaceprintError, RuntimeError):
+    """GAN training diverged before any good state was checkpointed."""
+
+
+class ForgottenPersonError(InputError):
+    """A source (or the output) of a mix shows a person a model was made to forget (faceprint.mixing)."""

@@ -68,7 +68,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .. import __version__
-from ..errors import ArtifactError, ConfigError, FaceprintError, FaceprintWarning, InputError, NotFittedError
+from ..errors import (ArtifactError, ConfigError, InputError, NotFittedError, SmallDataWarning,  # noqa: F401
+                      TrainingDivergedError, TrainingDivergedWarning)
 from ..io import load_artifact, now_iso, save_artifact
 from ..seeding import check_seed, derive_seed
 from ..seeding import generator as make_generator
@@ -82,18 +83,6 @@ SAMPLE_BLOCK = 16
 MIN_LATENTS_WARN = 500
 CALIBRATION_ITERATIONS = 10  # with a time budget and no iteration count: timed to plan the run
 MAX_ITERATIONS = 10_000_000
-
-
-class SmallDataWarning(FaceprintWarning):
-    """Fewer training latents than a GAN needs to avoid collapse and memorisation."""
-
-
-class TrainingDivergedWarning(FaceprintWarning):
-    """Training stopped on a NaN or exploding loss; the last good checkpoint state was kept."""
-
-
-class TrainingDivergedError(FaceprintError, RuntimeError):
-    """Training diverged before any good state was checkpointed."""
 
 
 def _is_int(v, lo: int) -> bool:

@@ -211,7 +211,7 @@ def evaluate_generator(gen, real_folder, *, n: int = 2000, seed: int = 0, real_l
         precision=float(pr[0]), recall=float(pr[1]), density=float(dc[0]), coverage=float(dc[1]),
         memorization_inception=mem_i.summary(), memorization_latent=mem_l.summary(), provenance=prov,
         training_reference=reference, seconds=secs,
-        settings={"seed": seed, "method": gen.config.method, "rank_temperature": gen.config.rank_temperature,
+        settings={"seed": seed, "method": getattr(gen, "default_method", gen.config.method), "rank_temperature": gen.config.rank_temperature,
                   "real_folder": str(real_folder), "real_limit": real_limit, "image_size": size},
     )
 

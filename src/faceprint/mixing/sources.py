@@ -47,15 +47,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import ForgottenPersonError, InputError  # noqa: F401 - ForgottenPersonError is raised here
 from ..io import sha256_file
 from .model import DOWNSCALE, MAX_PIXELS, MIN_SIDE
 
 _MODEL_RE = re.compile(r"^(?P<path>.+\.safetensors):seed=(?P<seed>\d+)(?::index=(?P<index>\d+))?$")
-
-
-class ForgottenPersonError(InputError):
-    """A source (or the output) of a mix shows a person a model was made to forget."""
 
 
 @dataclass
