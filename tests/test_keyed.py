@@ -218,3 +218,29 @@ def test_edited_faces_are_read_against_an_edited_reference(keyed_owner, celeba_d
     assert abs(float(s.mean())) < 0.15 and 0.85 < float(s.std()) < 1.15
     with pytest.raises(Exception, match="unknown edit"):
         apply_edit(x, "sharpen")
+
+
+def test_a_failed_issue_leaves_no_owner_folder_registry_or_secret(keyed_owner, tmp_path):
+    from faceprint.fingerprint.owner import Owner, issue_instance
+    from faceprint.io import sha256_file
+    from faceprint.latent.generator import Generator
+
+    _, m, _ = keyed_owner
+    gen = Generator.load(m)
+    owner = Owner(tmp_path / "fresh-owner")
+
+    def fail_after_commit(*a, **k):  # the write of the instance file fails inside the registry's transaction
+        raise OSError("disk full (simulated)")
+
+    gen_save = Generator.save
+    try:
+        Generator.save = fail_after_commit
+        with pytest.raises(OSError, match="disk full"):
+            issue_instance(gen, sha256_file(m), owner, "Dave", "dave", seed=4, output=tmp_path / "dave.safetensors")
+    finally:
+        Generator.save = gen_save
+    assert not owner.folder.exists()  # no registry, secret, base copy or folder left behind
+    assert not (tmp_path / "dave.safetensors").exists()
+    # and a later issue works from scratch
+    entry, _ = issue_instance(gen, sha256_file(m), owner, "Dave", "dave", seed=4)
+    assert entry.instance == "dave" and owner.secret_path.is_file()

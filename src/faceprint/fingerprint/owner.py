@@ -294,15 +294,24 @@ def issue_instance(gen, model_hash: str, owner: Owner, recipient: str, instance:
         if key_saved:
             with contextlib.suppress(OSError):
                 key_file.unlink()
-        if not registry_existed and local is not None and local.exists():
-            for suffix in ("", "-journal", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    Path(str(local) + suffix).unlink()
-        if not folder_existed:
-            with contextlib.suppress(OSError):
-                owner.folder.rmdir()
+        discard_new_owner_files(owner, local, registry_existed=registry_existed, folder_existed=folder_existed)
         raise
     return entry, box["inst"]
+
+
+def discard_new_owner_files(owner: Owner, local: Path | None, *, registry_existed: bool, folder_existed: bool) -> None:
+    """After a failed issue: remove the SQLite registry file (``local``, with its journals) and
+    the owner folder, each only if the failed call created it (an emptied folder only)."""
+    import contextlib
+
+    if not registry_existed and local is not None and local.exists():
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                Path(str(local) + suffix).unlink()
+    if not folder_existed:  # then its base-model folder is new too (empty: the base copy is written atomically)
+        for d in (owner.folder / BASES_DIR, owner.folder):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 @torch.no_grad()

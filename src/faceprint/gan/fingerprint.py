@@ -17,9 +17,7 @@ is not yet verifiable.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from pathlib import Path
 
 from ..errors import InputError
 
@@ -32,6 +30,7 @@ def issue_gan_instance(gen, model_hash: str, owner, recipient: str, instance: st
     ``gen`` whose decoder carries the code. With ``output`` the instance is written there inside
     the registry's write transaction (the code is recorded only if the file was written)."""
     from ..fingerprint.modulated import ModulatedFingerprinter, fingerprint_generator
+    from ..fingerprint.owner import discard_new_owner_files
     from ..fingerprint.registry import check_entry_fields
     from ..io import atomic_path
     from ..seeding import check_seed
@@ -71,12 +70,8 @@ def issue_gan_instance(gen, model_hash: str, owner, recipient: str, instance: st
                     entry = reg.issue(recipient, instance, model_hash, MECHANISM, seed=code_seed, note=note,
                                       before_commit=lambda e: build(e, tmp))
     except BaseException:
-        if not registry_existed and local is not None and local.exists() and "inst" not in box:
-            for suffix in ("", "-journal", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    Path(str(local) + suffix).unlink()
-        if not folder_existed:
-            with contextlib.suppress(OSError):
-                owner.folder.rmdir()
+        # a registry that already holds the built instance's code stays (the code was committed)
+        discard_new_owner_files(owner, local, registry_existed=registry_existed or "inst" in box,
+                                folder_existed=folder_existed)
         raise
     return entry, box["inst"]
