@@ -408,11 +408,9 @@ def _comparisons(doc, protocols, seed, extra, seed_variants) -> list[dict]:
 
 
 def _fmt(v, d=3):
-    if v is None:
-        return "-"
-    if isinstance(v, dict):
-        v = v.get("mean")
-    return f"{v:.{d}f}" if isinstance(v, (int, float)) else str(v)
+    from .quality import _fmt as fmt  # the quality table's cell format, shared
+
+    return fmt(v, d)
 
 
 HEADER = ["protocol", "configuration", "seed", "iterations (warm-up)", "train s", "n", "FID", "KID x1e3", "precision",
