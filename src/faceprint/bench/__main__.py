@@ -21,6 +21,8 @@ BENCHES = {
     "scale-out": "each Dask-distributed stage in one process and on 1 and 2 local workers: time, identical output",
     "mix": "texture mixer (papers/004 Ch. 3): canvas interpolation metrics, ablations, face hybrids, speed",
     "gan": "latent GAN (papers/004 Ch. 2): dual contrastive loss, G self-attention, D reference attention vs LR-GMM",
+    "rewrite": "rewrite a model's rules from 1-3 edited faces (papers/001): success, preservation, projector table",
+    "personalize": "new faces of one person from one photo with attribute prompts (papers/003): identity x prompt",
 }
 MODULES = {"scale-out": "scale_out"}  # bench names that are not module names
 
