@@ -181,6 +181,9 @@ class Generator:
         self.projector_: PCAProjector | None = None
         self.mixture_: GaussianMixture | None = None
         self.bank_: torch.Tensor | None = None
+        # keys of the refinement memory when they differ from its values (bank_): set only by a
+        # key-value insertion of faceprint.rewrite.bank; None means the bank is its own key
+        self.bank_keys_: torch.Tensor | None = None
         self.training_ = TrainingRecord()
         self.provenance_: dict = {}
         # A model instance may carry its own decoder weights (a fingerprinted copy: same
@@ -220,6 +223,7 @@ class Generator:
         self.mixture_.astype(torch.float32)
         t_mixture = time.perf_counter() - t0
         self.bank_ = bank
+        self.bank_keys_ = None
         self._cache = {}
         t0 = time.perf_counter()
         self._fit_guard(seed)
@@ -272,7 +276,12 @@ class Generator:
 
     def _projected_bank(self) -> torch.Tensor:
         if "projected" not in self._cache:
-            self._cache["projected"] = self.projector_.transform(self.bank_.float())
+            keys = getattr(self, "bank_keys_", None)
+            if keys is not None and keys.shape != self.bank_.shape:
+                raise ArtifactError(f"the memory's keys {tuple(keys.shape)} no longer match its values "
+                                    f"{tuple(self.bank_.shape)} (an edit after `faceprint rewrite --memory bank`); "
+                                    "redo the rewrite on the edited model")
+            self._cache["projected"] = self.projector_.transform((self.bank_ if keys is None else keys).float())
         return self._cache["projected"]
 
     def _refiner(self, single_cluster: bool = False) -> NNRefiner:
@@ -521,6 +530,8 @@ class Generator:
         """One .safetensors artifact (tensors + JSON metadata), written atomically."""
         self._check_fitted()
         tensors = {"bank": self.bank_}
+        if getattr(self, "bank_keys_", None) is not None:
+            tensors["bank.keys"] = self.bank_keys_.contiguous()
         if self.guard_distances_ is not None:
             tensors["guard.distances"] = self.guard_distances_.float().contiguous()
         tensors.update(self.projector_.state_tensors())
@@ -557,6 +568,9 @@ class Generator:
             g.projector_ = PCAProjector.from_state(ProjectorConfig(config.channels), tensors)
             g.mixture_ = GaussianMixture.from_state(mcfg, tensors, converged=bool(meta.get("mixture_converged", True)))
             g.bank_ = tensors["bank"]
+            g.bank_keys_ = tensors.get("bank.keys")
+            if g.bank_keys_ is not None and g.bank_keys_.shape != g.bank_.shape:
+                raise KeyError(f"bank.keys has shape {tuple(g.bank_keys_.shape)}, bank {tuple(g.bank_.shape)}")
             g.guard_distances_ = tensors.get("guard.distances")
             g.training_ = TrainingRecord(**meta["training"])
             g.provenance_ = meta.get("provenance", {})
