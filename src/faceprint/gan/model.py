@@ -115,6 +115,9 @@ class GANConfig:
         loss takes over (Sec. 2.4's warm-up, scaled).
     g_attention, d_reference_attention : bool
         The chapter's self-attention in G and reference attention in D.
+    noise : bool
+        StyleGAN's per-pixel noise inputs in G (faceprint.gan.networks says why they matter on
+        TAEF2 latents). Artifacts written before this switch existed load with noise off.
     attn_patch, attn_reduction, attn_groups, attn_hidden : ints
         The attention layers' patch size s (odd), K/Q channel reduction, channel groups
         sharing a weight map, and hidden width of the weight MLP (faceprint.gan.attention).
@@ -138,6 +141,7 @@ class GANConfig:
     warmup_fraction: float = 0.2
     g_attention: bool = False
     d_reference_attention: bool = False
+    noise: bool = True
     attn_patch: int = 5
     attn_reduction: int = 8
     attn_groups: int = 8
@@ -176,7 +180,7 @@ class GANConfig:
             uses = self.g_attention if name.startswith("g") else self.d_reference_attention
             if uses and c % self.attn_groups:
                 raise ConfigError(f"GAN config attn_groups = {self.attn_groups} must divide {name} = {c}")
-        for name in ("g_attention", "d_reference_attention"):
+        for name in ("g_attention", "d_reference_attention", "noise"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GAN config {name} must be True or False, got {getattr(self, name)!r}")
         checks = (("warmup_fraction", 0, 1, False, True), ("lr_g", 0, 1, True, False), ("lr_d", 0, 1, True, False),
@@ -205,6 +209,7 @@ class GANConfig:
         d = dict(d)
         if isinstance(d.get("g_channels"), list):
             d["g_channels"] = tuple(d["g_channels"])
+        d.setdefault("noise", False)  # written before noise inputs existed
         return cls(**d)
 
 
@@ -220,7 +225,8 @@ def build_networks(config: GANConfig, seed: int) -> tuple[LatentG, LatentD]:
     attn = config.attention_kwargs()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "gan-init"))
-        G = LatentG(config.z_dim, config.g_channels, config.latent_channels, attn if config.g_attention else None)
+        G = LatentG(config.z_dim, config.g_channels, config.latent_channels, attn if config.g_attention else None,
+                    noise=config.noise)
         D = LatentD(config.latent_channels, config.d_width, attn if config.d_reference_attention else None)
     return G, D
 
@@ -440,12 +446,16 @@ class LatentGAN:
                     ref = X[torch.randint(N, (B,), generator=make_generator(seed, "gan-ref", it))]
                 z_d = torch.randn(B, cfg.z_dim, generator=make_generator(seed, "gan-zd", it))
                 z_g = torch.randn(B, cfg.z_dim, generator=make_generator(seed, "gan-zg", it))
+                n_d = n_g = None
+                if G.n_noise:
+                    n_d = torch.randn(B, G.n_noise, *LATENT_HW, generator=make_generator(seed, "gan-nd", it))
+                    n_g = torch.randn(B, G.n_noise, *LATENT_HW, generator=make_generator(seed, "gan-ng", it))
 
                 # ---- discriminator step
                 for p in D.parameters():
                     p.requires_grad_(True)
                 with torch.no_grad():
-                    fake = G(z_d)
+                    fake = G(z_d, n_d)
                 r1_step = cfg.r1_gamma > 0 and it % cfg.r1_every == 0
                 if r1_step:
                     real = real.detach().requires_grad_(True)
@@ -466,7 +476,7 @@ class LatentGAN:
                 # ---- generator step
                 for p in D.parameters():
                     p.requires_grad_(False)
-                fake = G(z_g)
+                fake = G(z_g, n_g)
                 d_fake_g = D(fake, ref)
                 if kind == "contrastive":
                     with torch.no_grad():
@@ -551,7 +561,7 @@ class LatentGAN:
         self.latent_shape_ = (c, *LATENT_HW)
         self.history_ = history
         G_probe = LatentG(cfg.z_dim, cfg.g_channels, cfg.latent_channels,
-                          cfg.attention_kwargs() if cfg.g_attention else None)
+                          cfg.attention_kwargs() if cfg.g_attention else None, noise=cfg.noise)
         self.provenance_ = {
             "faceprint_version": __version__,
             "torch_version": torch.__version__,
@@ -588,9 +598,14 @@ class LatentGAN:
         with torch.no_grad():
             for blk in sorted({i // SAMPLE_BLOCK for i in idx}):
                 ids = range(blk * SAMPLE_BLOCK, (blk + 1) * SAMPLE_BLOCK)
-                z = torch.stack([torch.randn(self.config.z_dim, generator=make_generator(seed, "gan", i, attempt)
-                                             if attempt else make_generator(seed, "gan", i)) for i in ids])
-                y = self.G_(z) * self.std_[:, None, None] + self.mean_  # (16, c, h, w)
+                zs, ns = [], []
+                for i in ids:  # z, then the noise planes, from the image's own generator
+                    g = make_generator(seed, "gan", i, attempt) if attempt else make_generator(seed, "gan", i)
+                    zs.append(torch.randn(self.config.z_dim, generator=g))
+                    if self.G_.n_noise:
+                        ns.append(torch.randn(self.G_.n_noise, *LATENT_HW, generator=g))
+                y = self.G_(torch.stack(zs), torch.stack(ns) if ns else None)
+                y = y * self.std_[:, None, None] + self.mean_  # (16, c, h, w)
                 for j, i in enumerate(ids):
                     out[i] = y[j]
         return torch.stack([out[i] for i in idx])
