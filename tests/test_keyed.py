@@ -8,6 +8,7 @@ import torch
 from faceprint.cli.main import main
 from faceprint.fingerprint.keyed import (OwnerSecret, Residuals, instance_key, normal_tail, pattern_rows, sidak,
                                          threshold_for)
+from faceprint.errors import InputError
 from faceprint.io import load_artifact
 
 
@@ -49,6 +50,18 @@ def test_null_scores_are_standard_normal_for_any_residual():
     codes = [f"{i:032x}" for i in range(200)]
     s = res.scores(sec, codes)
     assert abs(float(s.mean())) < 0.05 and abs(float(s.std()) - 1) < 0.05
+    # the patterns expanded once for every row give the same scores as the per-call expansion
+    from dataclasses import replace
+
+    from faceprint.fingerprint.keyed import CodePatterns
+
+    sec.config = replace(sec.config, directions=2)
+    pats = CodePatterns(sec, codes[:7], 30)
+    assert torch.allclose(res.scores(sec, codes[:7], patterns=pats), s[:, :7], atol=1e-5)
+    with pytest.raises(InputError, match="other codes"):
+        res.scores(sec, codes[1:8], patterns=pats)
+    with pytest.raises(InputError, match="outside the 20 rows"):
+        res.scores(sec, codes[:7], patterns=CodePatterns(sec, codes[:7], 20))
 
 
 @pytest.fixture(scope="module")

@@ -764,7 +764,7 @@ def _run_keyed(args) -> int:
     from ..autoencoder import TAEF2
     from ..data import FaceFolder, LatentCache, encode_folder
     from ..data.folder import load_image
-    from ..fingerprint.keyed import fingerprint_keyed_instance, threshold_for
+    from ..fingerprint.keyed import CodePatterns, fingerprint_keyed_instance, threshold_for
     from ..fingerprint.owner import KEYED_MECHANISM, KeyedVerifier, Owner, issue_instance
     from ..fingerprint.verification import clopper_pearson_upper
     from ..io import atomic_write_text, sha256_file
@@ -865,8 +865,12 @@ def _run_keyed(args) -> int:
     _say(f"{k_reg} keyed instances issued; accuse at T >= {thr:.2f} (Sidak over {k_reg} at {args.target_fpr:g} per "
          f"image; at 1e-3: {lax:.2f})")
 
+    t0 = time.perf_counter()
+    patterns = CodePatterns(secret, codes, gen.bank_.shape[0])  # every code's pattern, expanded once
+    _say(f"patterns of {k_reg} codes expanded ({patterns.nbytes / 2**30:.1f} GiB, {time.perf_counter() - t0:.0f} s)")
+
     def score_matrix(x):  # (n, k_reg): KeyedVerifier's computation, keeping every instance's score
-        return index.residuals(x, batch=64).scores(secret, codes)
+        return index.residuals(x, batch=64).scores(secret, codes, patterns=patterns)
 
     # ------------------------------------------------------------------ 2. positives
     n_att = min(args.faces, args.attack_faces or args.faces)
