@@ -17,10 +17,13 @@ RECT = (24, 48, 80, 24)  # the eye band of a 128 px celeba face
 
 
 @pytest.fixture(scope="module")
-def gen(celeba_latents, taef2):
+def gen(celeba_dir, taef2):
+    from faceprint.data import FaceFolder, LatentCache, encode_folder
     from faceprint.latent.generator import Generator, GeneratorConfig
 
-    return Generator(GeneratorConfig(components=1), autoencoder=taef2).fit(celeba_latents, seed=0)
+    # the user's latent cache (keyed by file content): the photos are encoded once per machine
+    latents = encode_folder(FaceFolder(celeba_dir, size=128, limit=64), taef2, cache=LatentCache())
+    return Generator(GeneratorConfig(components=1), autoencoder=taef2).fit(latents, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def edits(gen, source):
 def rewritten(gen, edits):
     from faceprint.rewrite import RewriteConfig, rewrite
 
-    return rewrite(gen, edits, RewriteConfig(steps=40, ordinary=24, batch=8, projector="free"))
+    return rewrite(gen, edits, RewriteConfig(steps=40, ordinary=16, paste_samples=6, batch=6, projector="free"))
 
 
 def _diff(a, b):
@@ -51,7 +54,7 @@ def _diff(a, b):
 def test_decoder_rewrite_learns_the_new_rule_and_touches_only_the_memory(gen, rewritten, taef2):
     out, rep = rewritten
     assert not rep.noop and rep.memory == "decoder"
-    assert rep.loss_after["new_rule"] < 0.5 * rep.loss_before["new_rule"]
+    assert rep.loss_after["new_rule"] < 0.6 * rep.loss_before["new_rule"]
     assert rep.loss_before["old_rules"] == 0.0 and rep.loss_after["old_rules"] < rep.loss_before["new_rule"]
     changed = _diff(taef2.decoder.state_dict(), out.decoder_state_)
     assert changed == {"5.conv.2.weight", "5.conv.2.bias", "5.conv.4.weight", "5.conv.4.bias"}
@@ -86,7 +89,7 @@ def test_rewritten_faces_change_in_the_region_and_travel_with_the_file(gen, rewr
 def test_layer_and_depth_choose_the_memory(gen, edits, taef2):
     from faceprint.rewrite import RewriteConfig, rewrite
 
-    out, _ = rewrite(gen, edits[:1], RewriteConfig(layer="32x32", conv_layers=1, steps=3, ordinary=4,
+    out, _ = rewrite(gen, edits[:1], RewriteConfig(layer="32x32", conv_layers=1, steps=3, ordinary=4, paste_samples=2,
                                                    projector="free"))
     assert _diff(taef2.decoder.state_dict(), out.decoder_state_) == {"10.conv.4.weight", "10.conv.4.bias"}
     with pytest.raises(ConfigError):
@@ -98,7 +101,7 @@ def test_layer_and_depth_choose_the_memory(gen, edits, taef2):
 def test_unweighted_gives_the_new_rule_less_say(gen, edits):
     from faceprint.rewrite import RewriteConfig, rewrite
 
-    kw = dict(steps=25, ordinary=24, batch=8, projector="free")
+    kw = dict(steps=25, ordinary=8, paste_samples=4, batch=4, projector="free")
     _, w = rewrite(gen, edits, RewriteConfig(**kw))
     _, u = rewrite(gen, edits, RewriteConfig(weighting="unweighted", **kw))
     assert w.loss_after["new_rule"] < u.loss_after["new_rule"]
@@ -175,6 +178,7 @@ def test_bank_value_edit_puts_the_pattern_in_every_face(gen, edits):
     assert torch.equal(s1.latents[:, :, R], want[None].expand(6, -1, -1))
     assert not torch.equal(s0.latents[:, :, R], s1.latents[:, :, R])
     assert torch.equal(out.bank_[:, :, ~R], gen.bank_[:, :, ~R])
+    assert torch.equal(s0.provenance, s1.provenance)  # the kept keys: every face picks the same photos
 
 
 def test_bank_key_value_insertion_is_retrieved_and_saved(gen, edits, tmp_path):
@@ -202,7 +206,7 @@ def test_free_projector_restores_faces_and_trained_projector_resumes_exactly(gen
     from faceprint.rewrite.projector import (BackwardProjector, ProjectorConfig, restoration_table,
                                              sliced_wasserstein_features, train_projector)
 
-    x, s = gen.generate(6, seed=11)
+    x, s = gen.generate(4, seed=11)
     b0 = BackwardProjector.free(taef2)
     t = restoration_table(b0, x)
     assert t["psnr"] > 26 and t["ssim"] > 0.8 and t["tfd"] >= 0
@@ -241,7 +245,8 @@ def model_file(gen, tmp_path_factory):
 def test_cli_paste_rewrite_and_inspect(model_file, celeba_dir, tmp_path, capsys):
     out = tmp_path / "glasses.safetensors"
     code, cap = _run(["rewrite", str(model_file), "--paste", f"{celeba_dir / '000053.jpg'}:17,43,56,17",
-                      "--at", "24,48,80,24", "--onto", "0:1", "--steps", "5", "--ordinary", "8", "--projector", "free", "-o", str(out)],
+                      "--at", "24,48,80,24", "--onto", "0:1", "--steps", "5", "--ordinary", "8", "--paste-samples", "4", "--projector", "free",
+                      "-o", str(out)],
                      capsys)
     assert code == 0, cap.err
     assert "rewrote the decoder at 16x16" in cap.err

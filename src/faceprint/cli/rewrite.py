@@ -50,12 +50,15 @@ def register(sub, *, common) -> None:
                    help="decoder: p*new + q*old with each term a mean over its own cells (default), or one mean "
                         "over every cell")
     r.add_argument("--p", type=_nonneg, default=1.0, help="decoder: weight of the new rule (default 1; 0 = no-op)")
-    r.add_argument("--q", type=_nonneg, default=1.0, help="decoder: weight of the old rules (default 1)")
+    r.add_argument("--q", type=_nonneg, default=4.0, help="decoder: weight of the old rules (default 4)")
     r.add_argument("--steps", type=_bounded_int(0, 100_000, "a number of steps"), default=300,
                    help="decoder: fine-tuning steps (default 300)")
     r.add_argument("--lr", type=_number(float, 0.0, True, "a positive learning rate", highest=1.0), default=1e-3)
     r.add_argument("--ordinary", type=_bounded_int(0, 100_000, "a number of samples"), default=200,
                    help="decoder: faces of the model that hold the old rules (default 200)")
+    r.add_argument("--paste-samples", type=_bounded_int(0, 100_000, "a number of samples"), default=32,
+                   help="decoder: further faces of the model that get the exemplars' region pasted into their "
+                        "value maps, as training data of the new rule (papers/001 Sec. 5.1; default 32)")
     r.add_argument("--projector", default="auto", metavar="auto|free|trained|FILE",
                    help="decoder: backward projector: free = TAEF2 encoder + decoder head (no training); trained = "
                         "the shipped weights; auto = trained if shipped for this decoder, else free")
@@ -144,6 +147,7 @@ def cmd_rewrite(args) -> int:
     t0 = time.perf_counter()
     cfg = RewriteConfig(memory=args.memory, layer=args.layer, conv_layers=args.conv_layers, weighting=args.weighting,
                         p=args.p, q=args.q, steps=args.steps, lr=args.lr, ordinary=args.ordinary,
+                        paste_samples=args.paste_samples,
                         projector=args.projector, bank_mode=args.bank_mode, key_shift=args.key_shift,
                         max_mask_fraction=args.max_mask_fraction, seed=args.seed)
     gen = Generator.load(args.model, weights=args.weights)
