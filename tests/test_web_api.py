@@ -139,11 +139,44 @@ def test_generate_faces_details_and_downloads(client, generated, env):
     assert d["sources"] and abs(sum(s["share"] for s in d["sources"]) - 1) < 0.5
     assert all(s["name"] in prov["training_photos"] for s in d["sources"])
     assert "copy guard" in d["copy_guard"] and "%" in d["copy_guard"]
+    assert prov["method"] == d["method"] != "gan" and d["map"].endswith(res["faces"][2]["map"])
     top = d["sources"][0]
     assert top["thumbnail"]  # the training folder is served: thumbnails
     t = client.get(top["thumbnail"])
     assert t.status_code == 200 and t.content[:8] == b"\x89PNG\r\n\x1a\n"
     _one_line_error(client.get(f"/api/faces/{jid}/999"), 404, "999")
+
+
+def test_gan_faces_say_they_copy_nothing_and_have_no_map(client, fitted, env):
+    """A model with a learned generator (faceprint.gan): its faces get no provenance map, no
+    sources, and a sentence that says why, instead of an empty map and "0% from one photo"."""
+    import warnings
+    from dataclasses import replace
+
+    from faceprint.gan.model import PRESETS, LatentGAN, SmallDataWarning
+    from faceprint.latent.generator import Generator
+
+    gen = Generator.load(env["models"] / "tiny.safetensors")
+    cfg = replace(PRESETS["tiny"], z_dim=16, g_channels=(16, 16, 8), d_width=8, batch_size=8, iterations=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallDataWarning)
+        gen.latent_model_ = LatentGAN(cfg).fit(gen.bank_.float(), seed=0)
+    # two iterations leave G drawing near the mean latent, which the copy guard rightly refuses
+    # (closer to the training photos than new photos come); spread wider, its faces pass
+    gen.latent_model_.std_ = gen.latent_model_.std_ * 4
+    gen.save(env["models"] / "tiny-gan.safetensors")
+    r = client.post("/api/generate", json={"model": "tiny-gan.safetensors", "seed": 1, "n": 3})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json())
+    assert job["state"] == "done", job["error"]
+    res = job["result"]
+    assert [f["map"] for f in res["faces"]] == [None] * 3
+    prov = client.get(f"/files/outputs/{res['job']}/{res['provenance']}").json()
+    assert prov["method"] == "gan" and "no provenance map" in prov["note"]
+    assert all("latent_map" not in f for f in prov["faces"])
+    d = client.get(f"/api/faces/{res['job']}/{res['faces'][0]['index']}").json()
+    assert d["map"] is None and d["sources"] == [] and d["method"] == "gan"
+    assert "learned generator" in d["copy_guard"] and "copy guard" in d["copy_guard"]
 
 
 def test_same_seed_same_faces_also_when_two_jobs_run_at_once(client, generated):

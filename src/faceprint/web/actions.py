@@ -205,25 +205,33 @@ def write_faces(gen, n: int, seed: int, folder: Path, prefix: str = "", progress
     from ..latent.generator import DEFAULT_GUARD
 
     images, samples = gen.generate(n, seed=seed, guard=DEFAULT_GUARD)
+    method = gen.default_method
+    learned = method == "gan"  # a learned generator copies no latent pixel: no map, no sources
     arrays = render.to_uint8(images)
-    maps = render.provenance_images(samples.provenance, images.shape[-1])
+    maps = None if learned else render.provenance_images(samples.provenance, images.shape[-1])
     summary = gen.provenance_summary(samples.provenance)
     faces = []
     for j, i in enumerate(samples.indices.tolist()):
-        face, mp = f"{prefix}face_{i:06d}.png", f"{prefix}face_{i:06d}_map.png"
+        face, mp = f"{prefix}face_{i:06d}.png", (None if learned else f"{prefix}face_{i:06d}_map.png")
         _save_png(arrays[j], folder / face)
-        _save_png(maps[j], folder / mp)
-        faces.append({"index": i, "file": face, "map": mp, "component": int(samples.components[j]), **summary[j],
-                      "redraws": int(samples.redraws[j]) if samples.redraws is not None else 0,
-                      "latent_map": samples.provenance[j].tolist()})
+        if mp is not None:
+            _save_png(maps[j], folder / mp)
+        entry = {"index": i, "file": face, "map": mp, "component": int(samples.components[j]), **summary[j],
+                 "redraws": int(samples.redraws[j]) if samples.redraws is not None else 0}
+        if not learned:
+            entry["latent_map"] = samples.provenance[j].tolist()
+        faces.append(entry)
         if progress is not None:
             progress(j + 1, n)
     grid = f"{prefix}grid.png"
     _save_png(render.grid(arrays), folder / grid)
     guard = dict(samples.guard or {})
-    doc = {"seed": seed, "method": gen.config.method, "training_photos": gen.training_.relpaths,
-           "note": "latent_map[y][x] is the index into training_photos of the photo that latent pixel was copied "
-                   "from (-1: not copied); each latent pixel covers 8x8 image pixels",
+    note = ("made by a learned latent generator (GAN): no latent pixel is copied from a training photo, so there is "
+            "no provenance map; the copy guard still checks each face's distance to the training photos"
+            if learned else
+            "latent_map[y][x] is the index into training_photos of the photo that latent pixel was copied "
+            "from (-1: not copied); each latent pixel covers 8x8 image pixels")
+    doc = {"seed": seed, "method": method, "training_photos": gen.training_.relpaths, "note": note,
            "faces": faces, "copy_guard": {"enabled": True, **guard}}
     prov = f"{prefix}provenance.json"
     atomic_write_text(folder / prov, json.dumps(doc))
@@ -250,6 +258,17 @@ def face_details(config, models: Models, job, index: int) -> dict:
     face = next((f for f in doc["faces"] if f["index"] == index), None)
     if face is None:
         raise WebError(404, f"face {index} is not among the faces of job {job.id}")
+    if face.get("latent_map") is None:  # a learned generator's face: nothing copied
+        guard = doc.get("copy_guard") or {}
+        words = (f"Made by a learned generator (method {doc.get('method')}): no part of it is copied from a training "
+                 f"photo, so it has no provenance map. The copy guard checked that it is not closer to any training "
+                 f"photo than {1 - guard.get('quantile', 0.05):.0%} of new photos come to the training set.")
+        if face.get("redraws"):
+            words += f" The guard redrew it {face['redraws']} time(s) before it passed."
+        return {"index": index, "image": f"/files/outputs/{job.id}/{face['file']}", "map": None,
+                "method": doc.get("method"), "distinct_photos": 0, "max_share": 0.0, "sources": [],
+                "copy_guard": words, "redraws": face.get("redraws", 0),
+                "provenance": f"/files/outputs/{job.id}/provenance.json"}
     lm = np.asarray(face["latent_map"]).ravel()
     copied = lm[lm >= 0]
     counts = np.bincount(copied) if copied.size else np.zeros(0, dtype=int)
@@ -270,7 +289,7 @@ def face_details(config, models: Models, job, index: int) -> dict:
              f"photo than {1 - guard.get('quantile', 0.05):.0%} of new photos come to the training set.")
     if face.get("redraws"):
         words += f" The guard redrew it {face['redraws']} time(s) before it passed."
-    return {"index": index, "image": f"/files/outputs/{job.id}/{face['file']}",
+    return {"index": index, "image": f"/files/outputs/{job.id}/{face['file']}", "method": doc.get("method"),
             "map": f"/files/outputs/{job.id}/{face['map']}", "distinct_photos": face["distinct_photos"],
             "max_share": face["max_share"], "sources": sources, "copy_guard": words, "redraws": face.get("redraws", 0),
             "provenance": f"/files/outputs/{job.id}/provenance.json"}

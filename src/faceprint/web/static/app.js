@@ -142,13 +142,18 @@ async function showFace(index, img) {
   showError("gen", null);
   try {
     const d = await api("GET", `/api/faces/${currentJob}/${index}`);
-    $("face-large").src = d.image; $("face-map").src = d.map;
+    $("face-large").src = d.image;
+    $("face-map").closest("figure").hidden = !d.map;
+    if (d.map) $("face-map").src = d.map; else $("face-map").removeAttribute("src");
     $("face-guard").textContent = d.copy_guard;
-    $("face-summary").textContent = `Face ${d.index} is a collage of ${d.distinct_photos} training photos; the largest part from one photo is ${(d.max_share * 100).toFixed(0)}%.`;
+    $("face-summary").textContent = d.map
+      ? `Face ${d.index} is a collage of ${d.distinct_photos} training photos; the largest part from one photo is ${(d.max_share * 100).toFixed(0)}%.`
+      : `Face ${d.index} was made by a learned generator (${d.method}): it copies no training photo, so there is no provenance map.`;
     $("face-sources").replaceChildren(...d.sources.map((s) => el("div", { class: "source" },
       s.thumbnail ? el("img", { src: s.thumbnail, alt: s.name }) : el("div", { class: "noimg", text: "not served" }),
       el("div", { text: `${s.name} · ${(s.share * 100).toFixed(0)}%` }))));
-    $("face-downloads").replaceChildren(link(d.image, "face (PNG)"), link(d.map, "map (PNG)"), link(d.provenance, "provenance (JSON)"));
+    $("face-downloads").replaceChildren(...[link(d.image, "face (PNG)"), d.map ? link(d.map, "map (PNG)") : null,
+      link(d.provenance, "provenance (JSON)")].filter(Boolean));
     $("face-detail").hidden = false;
     $("face-detail").scrollIntoView({ behavior: "smooth", block: "nearest" });
   } catch (e) { showError("gen", e); }
