@@ -386,3 +386,28 @@ def test_cli_writes_faces_and_provenance_and_refuses_bad_input(tmp_path, model, 
     if not PACKAGED_MAPPING.is_file():
         assert main(["personalize", str(m), "--photo", str(_ref()), "-o", str(tmp_path / "y")]) == 2
         assert "no trained mapping" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ bench statistics
+def test_bench_statistics_weights_bootstrap_and_best_of_n():
+    from faceprint.bench.personalize import _hg, _row_stats, best_of_n, paired_bootstrap
+
+    # a deterministic row's one face per prompt stands for `weight` faces
+    one = {"results": [{"weight": 4, "id_cos": [0.8], "accepted": [1.0], "prompt": [0.5], "dir": [0.2]}]}
+    many = {"results": [{"weight": 1, "id_cos": [0.8] * 4, "accepted": [1.0] * 4, "prompt": [0.5] * 4,
+                         "dir": [0.2] * 4}]}
+    a, b = _row_stats([one]), _row_stats([many])
+    assert a["faces"] == b["faces"] == 4 and a["means"] == pytest.approx(b["means"])
+    h = _hg({"id_cos": 0.8, "prompt": 0.5, "dir": 0.2})
+    assert h["hmean"] == pytest.approx(3 / (1 / 0.8 + 1 / 0.5 + 1 / 0.2)) and h["gmean"] == pytest.approx(0.08 ** (1 / 3))
+    assert _hg({"id_cos": 0.8, "prompt": 0.5, "dir": 0.0})["hmean"] == 0.0
+    g = np.random.default_rng(0)
+    x = g.normal(0, 1, 200)
+    mean, lo, hi = paired_bootstrap(x + 0.5, x, seed=0)
+    assert mean == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    mean, lo, hi = paired_bootstrap(x + 0.3 + g.normal(0, 0.5, 200), x, seed=0)
+    assert lo < mean < hi and lo > 0
+    doc = {"results": [{"id_cos": list(g.uniform(0.5, 1, 16)), "prompt": list(g.uniform(0, 1, 16)),
+                        "dir": list(g.uniform(0, 1, 16))} for _ in range(5)]}
+    curve = best_of_n([doc])
+    assert list(curve) == [1, 2, 4, 8, 16] and all(curve[m] <= curve[n] for m, n in zip(list(curve), list(curve)[1:]))
