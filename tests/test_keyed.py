@@ -101,6 +101,49 @@ def test_keyed_instances_verify_to_their_recipient_and_nothing_else_matches(keye
     assert not any(o["match"] for o in out), [(o["nearest_instance"], o["score"]) for o in out]
 
 
+def test_a_centre_cropped_face_is_read_at_its_crop_and_still_names_its_recipient(keyed_owner, tmp_path, capsys):
+    from faceprint.cli.main import save_png
+    from faceprint.data.folder import load_image
+    from faceprint.fingerprint.attacks import crop_resize
+
+    root, _, ow = keyed_owner
+    faces = sorted((root / "alice").glob("face_*.png"))[:3]
+    x = torch.stack([load_image(f) for f in faces])
+    files = []
+    for f in (0.93, 0.86):
+        y = (crop_resize(x, f) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i, a in enumerate(y):
+            files.append(tmp_path / f"crop{f}-{i}.png")
+            save_png(a, files[-1])
+    out = _verify(capsys, ow, *files, *faces)
+    assert all(o["match"] and o["instance"] == "alice" for o in out), [(o["instance"], o["score"]) for o in out]
+    assert [o["crop"] for o in out] == [0.93] * 3 + [0.86] * 3 + [1.0] * 3  # uncropped faces stay full frame
+    capsys.readouterr()
+    assert main(["verify", str(files[3]), "-q", *ow]) == 0
+    assert "centre crop of 86%" in capsys.readouterr()[0]
+
+
+def test_crop_search_keeps_the_null_standard_normal(keyed_owner, celeba_dir):
+    """The crop hypothesis is chosen from the image and the base bank only: innocent scores stay
+    N(0, 1) whether an image is read at the full frame or at a crop."""
+    from faceprint.autoencoder import TAEF2
+    from faceprint.data.folder import load_image
+    from faceprint.fingerprint.attacks import crop_resize
+    from faceprint.fingerprint.keyed import BaseIndex, OwnerSecret
+    from faceprint.latent.generator import Generator
+
+    root, m, _ = keyed_owner
+    ae = TAEF2.load()
+    secret = OwnerSecret.load(root / "owner" / "secret.safetensors")
+    files = sorted((root / "alice").glob("face_*.png")) + sorted((root / "plain").glob("face_*.png"))
+    x = torch.stack([load_image(f) for f in files])
+    x = torch.cat([x, crop_resize(x, 0.86)])
+    res = BaseIndex(Generator.load(m).bank_, ae, secret).residuals(x)
+    assert sorted(set(res.crop)) == [0.86, 1.0] and res.crop[-1] == 0.86
+    s = res.scores(secret, [f"{i:032x}" for i in range(300)])  # codes that made none of them
+    assert abs(float(s.mean())) < 0.05 and abs(float(s.std()) - 1) < 0.05
+
+
 def test_keyed_verify_on_dask_gives_the_same_verdicts(keyed_owner, celeba_dir, capsys, one_thread):
     """Bit-identical to one process at one torch thread, as the workers run (thread count changes
     the order of float sums)."""

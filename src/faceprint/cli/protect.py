@@ -361,8 +361,11 @@ def _verify_keyed(args, entries) -> int:
 
     owner = _owner(args)
     if args.crop_search is not None:
-        raise InputError("--crop-search reads the datalevel-bank code only; keyed-bank instances are verified "
-                         "on the full frame (drop --crop-search)")
+        from ..fingerprint.keyed import DEFAULT_CROPS
+
+        raise InputError("--crop-search sets the datalevel-bank code's search only; keyed-bank instances are always "
+                         f"read with centre crops of {', '.join(f'{f:g}' for f in DEFAULT_CROPS)} of the side tried "
+                         "(drop --crop-search)")
     files = _image_files(args.images, say=lambda m: _say(args, m))
     ae = TAEF2.load(args.weights)
     olds = [e for e in entries if e.mechanism != "keyed-bank"]
@@ -384,7 +387,9 @@ def _verify_keyed(args, entries) -> int:
     with open_client(args.dask) as client:
         verdicts = keyed_verdicts_of_files(files, verifier, client=client, bar=not getattr(args, "quiet", False))
     for f, v in zip(files, verdicts):
-        edited = f" [read as an edited image: {v.edit}]" if v.match and v.edit != "none" else ""
+        how = ([f"an edited image: {v.edit}"] if v.edit != "none" else []) + \
+            ([f"a centre crop of {v.crop:.0%} of the side"] if v.crop < 1 else [])
+        edited = f" [read as {'; '.join(how)}]" if v.match and how else ""
         if args.json:
             print(json.dumps({"image": str(f), **asdict(v)}), flush=True)
         elif v.match:

@@ -186,6 +186,23 @@ def crop_resize(images: torch.Tensor, kept_fraction: float, *, generator: torch.
     return F.interpolate(crops, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
 
 
+def uncrop(images: torch.Tensor, f: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo a centre crop keeping fraction f that was resized back: the image shrunk to the
+    crop's size and put back at the crop's place (as faceprint.fingerprint.attacks.crop_resize
+    cuts it); the uncovered border is filled by replication and masked out (mask (N, 1, H, W))."""
+    n, _, h, w = images.shape
+    if f >= 1.0:
+        return images, torch.ones(n, 1, h, w)
+    ch, cw = max(1, round(f * h)), max(1, round(f * w))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    small = F.interpolate(images, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
+    y = F.pad(small, (left, w - cw - left, top, h - ch - top), mode="replicate").clamp(0, 1)
+    mask = torch.zeros(n, 1, h, w)
+    e = 4  # resampling and the decoder's border: leave a margin out
+    mask[:, :, top + e:top + ch - e, left + e:left + cw - e] = 1
+    return y, mask
+
+
 def resize_down_up(images: torch.Tensor, scale: float) -> torch.Tensor:
     """Downscale by ``scale`` (bilinear with antialiasing), then back up to the original size."""
     x = _check_images(images)

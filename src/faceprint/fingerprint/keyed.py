@@ -389,6 +389,7 @@ class Residuals:
     rows: torch.Tensor
     match_distance: torch.Tensor  # (n,) mean distance of each latent pixel to its matched row
     edit: list[str] | None = None  # per image, the edit hypothesis the reference was rendered with
+    crop: list[float] | None = None  # per image, the centre-crop fraction it was read as (1.0: uncropped)
 
     def scores(self, secret: OwnerSecret, codes: list[str], *, chunk_rows: int = 4096,
                patterns: "CodePatterns | None" = None) -> torch.Tensor:
@@ -418,6 +419,9 @@ class Residuals:
 #: half-size 13.0 -> 17.2; 24 faces of a 256-photo model)
 DEFAULT_EDITS = ("none", "blur5", "half")
 
+#: centre-crop fractions tried on every image (see BaseIndex); 1.0, the full frame, first
+DEFAULT_CROPS = (1.0, 0.93, 0.86, 0.8)
+
 
 def apply_edit(images: torch.Tensor, edit: str) -> torch.Tensor:
     """One named edit of images (n, 3, H, W) in [0, 1]: "none", "jpegQ" (JPEG at quality Q),
@@ -444,11 +448,26 @@ class BaseIndex:
     the one closest to the image (mean squared pixel difference) is encoded, per image. The
     choice looks at the image and the base model only, never at a pattern, so the score of an
     innocent recipient stays exactly standard normal. Cost: the edits themselves (JPEG with
-    libjpeg, a blur, a resize); still one encode per image."""
+    libjpeg, a blur, a resize); still one encode per image.
 
-    def __init__(self, bank: torch.Tensor, autoencoder, secret: OwnerSecret, *, edits: tuple[str, ...] = DEFAULT_EDITS):
+    Crops. A face cut to a centre crop and resized back no longer sits on the latent grid the
+    pattern was written on. For each fraction f of ``crops`` the image is shrunk back to the
+    crop's size and put at its place (the uncovered border masked out), encoded and matched to
+    the base bank; the hypothesis whose latent pixels lie closest to their matched rows, over
+    the central cells every hypothesis covers, is read, with the residual zeroed outside the
+    covered cells. The choice again sees only the image and the base bank, so the null stays
+    N(0, 1). Cost: one more encode per extra hypothesis. ``crops=(1.0,)`` reads the full frame
+    only."""
+
+    def __init__(self, bank: torch.Tensor, autoencoder, secret: OwnerSecret, *, edits: tuple[str, ...] = DEFAULT_EDITS,
+                 crops: tuple[float, ...] = DEFAULT_CROPS):
         if not edits or "none" not in edits:
             raise ConfigError(f"edits must include 'none', got {edits!r}")
+        crops = tuple(float(f) for f in crops)
+        if not crops or crops[0] != 1.0 or any(not 0.5 <= f <= 1.0 for f in crops) or len(set(crops)) != len(crops):
+            raise ConfigError(f"crops must start with 1.0 (the full frame) and hold distinct fractions in [0.5, 1], "
+                              f"got {crops!r}; e.g. {DEFAULT_CROPS}")
+        self.crops = crops
         probe = torch.full((1, 3, 16, 16), 0.5)
         for e in edits:
             apply_edit(probe, e)  # unknown names fail here, not mid-verification
@@ -483,15 +502,57 @@ class BaseIndex:
             x = images[s:s + batch].float().clamp(0, 1)
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-            parts.append(self.residuals_of_latents(self.ae.encode(x), batch=batch, images=x))
+            if self.crops == (1.0,):
+                parts.append(self.residuals_of_latents(self.ae.encode(x), batch=batch, images=x))
+            else:
+                parts.append(self._searched(x))
         return Residuals(torch.cat([p.v for p in parts]), torch.cat([p.rows for p in parts]),
-                         torch.cat([p.match_distance for p in parts]), [e for p in parts for e in (p.edit or [])])
+                         torch.cat([p.match_distance for p in parts]), [e for p in parts for e in (p.edit or [])],
+                         [c for p in parts for c in (p.crop or [1.0] * len(p.v))])
+
+    def _searched(self, x: torch.Tensor) -> Residuals:
+        """Residuals of images x (n, 3, H, W) at the model's size, each read under the crop
+        hypothesis its latents match best (see the class docstring)."""
+        from .attacks import uncrop
+
+        n = x.shape[0]
+        hyps = []
+        for f in self.crops:
+            y, pmask = uncrop(x, f)
+            z = self.ae.encode(y)
+            rows, dist = self.match(z)
+            cells = F.avg_pool2d(pmask, 8)[:, 0] > 0.999  # latent cells wholly inside the covered part
+            hyps.append((f, y, pmask, z, rows, dist, cells))
+        common = hyps[int(torch.tensor(self.crops).argmin())][6].float()  # covered by every hypothesis
+        crit = torch.stack([(d * common).sum((1, 2)) / common.sum((1, 2)).clamp_min(1) for *_, d, _ in hyps])
+        pick = crit.argmin(0)  # (n,): ties go to the first, the full frame
+        out_v = out_rows = out_d = None
+        edits, crops = [None] * n, [None] * n
+        for k, (f, y, pmask, z, rows, dist, cells) in enumerate(hyps):
+            sel = (pick == k).nonzero().flatten()
+            if not len(sel):
+                continue
+            r = self.residuals_of_latents(z[sel], images=y[sel], matched=(rows[sel], dist[sel]),
+                                          masks=(pmask[sel], cells[sel]) if f < 1 else None)
+            if out_v is None:
+                out_v = r.v.new_zeros(n, *r.v.shape[1:])
+                out_rows = r.rows.new_zeros(n, *r.rows.shape[1:])
+                out_d = r.match_distance.new_zeros(n)
+            out_v[sel], out_rows[sel], out_d[sel] = r.v, r.rows, r.match_distance
+            for j, i in enumerate(sel.tolist()):
+                edits[i], crops[i] = r.edit[j], f
+        return Residuals(out_v, out_rows, out_d, edits, crops)
 
     @torch.no_grad()
-    def residuals_of_latents(self, latents: torch.Tensor, batch: int = 64, images: torch.Tensor | None = None) -> Residuals:
+    def residuals_of_latents(self, latents: torch.Tensor, batch: int = 64, images: torch.Tensor | None = None,
+                             *, matched: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Residuals:
         """The same from TAEF2 latents of images (N, C, h, w) (e.g. a latent cache's), with the
         images themselves at the model's size when at hand (the edit is chosen on them; without
-        them, on the latents decoded, one decode more)."""
+        them, on the latents decoded, one decode more). ``matched``: the rows and distances of
+        :meth:`match` when already computed. ``masks``: (pixels (N, 1, H, W), latent cells
+        (N, h, w) bool) of the part of each image that holds it (an undone crop): the edit is
+        chosen on those pixels and the residual is zero outside those cells."""
         from ..latent.refine import gather
 
         if images is not None and images.shape[0] != latents.shape[0]:
@@ -501,14 +562,18 @@ class BaseIndex:
         vs, rs, ds, es = [], [], [], []
         for s in range(0, latents.shape[0], batch):
             z = latents[s:s + batch].float()
-            rows, dist = self.match(z)
+            rows, dist = self.match(z) if matched is None else (matched[0][s:s + batch], matched[1][s:s + batch])
+            pm, cm = (None, None) if masks is None else (masks[0][s:s + batch], masks[1][s:s + batch])
             img = _q8(self.ae.decode(gather(self.bank, rows)))
             ref_img = img
             if len(self.edits) > 1:
                 # the edit whose result is closest to the image, in pixels (cheap: one encode in all)
                 x = images[s:s + batch].float() if images is not None else self.ae.decode(z).clamp(0, 1)
                 cands = torch.stack([_q8(apply_edit(img, e)) for e in self.edits])  # (E, n, 3, H, W)
-                err = (cands - x.unsqueeze(0)).pow(2).mean((2, 3, 4))  # (E, n)
+                if pm is None:
+                    err = (cands - x.unsqueeze(0)).pow(2).mean((2, 3, 4))  # (E, n)
+                else:
+                    err = ((cands - x.unsqueeze(0)).pow(2) * pm.unsqueeze(0)).sum((2, 3, 4)) / pm.sum((1, 2, 3))
                 pick = err.argmin(0)
                 ref_img = cands[pick, torch.arange(len(z))]
                 es.extend(self.edits[int(i)] for i in pick)
@@ -519,9 +584,16 @@ class BaseIndex:
             # clip each pixel's residual at clip x the image's median pixel norm: a wrongly matched
             # pixel (a residual the size of a whole photo's difference) cannot dominate the score
             pn = v.pow(2).sum(1, keepdim=True).sqrt()
-            med = pn.flatten(1).median(1).values.view(-1, 1, 1, 1).clamp_min(1e-12)
+            if cm is None:
+                med = pn.flatten(1).median(1).values.view(-1, 1, 1, 1).clamp_min(1e-12)
+                ds.append(dist.flatten(1).mean(1))
+            else:  # only the cells that hold the image count, the rest is set to zero
+                med = torch.stack([pn[i, 0][cm[i]].median() if cm[i].any() else pn.new_zeros(())
+                                   for i in range(len(z))]).view(-1, 1, 1, 1).clamp_min(1e-12)
+                v = v * cm.unsqueeze(1)
+                ds.append((dist * cm).sum((1, 2)) / cm.sum((1, 2)).clamp_min(1))
             v = v * (clip * med / pn.clamp_min(1e-12)).clamp(max=1.0)
             vs.append(v)
             rs.append(rows)
-            ds.append(dist.flatten(1).mean(1))
-        return Residuals(torch.cat(vs), torch.cat(rs), torch.cat(ds), es)
+        return Residuals(torch.cat(vs), torch.cat(rs), torch.cat(ds), es,
+                         [1.0] * sum(len(t) for t in vs) if masks is None else None)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..errors import ArtifactError, ConfigError, InputError, WeightsError
 from ..io import load_artifact, save_artifact
+from .attacks import uncrop
 
 __all__ = [
     "BitExtractor",
@@ -563,7 +564,7 @@ class ModulatedFingerprinter:
         finder, weight = self._source_finder(gen, ae)
         best = None
         for f in crop_search:
-            y, mask = _uncrop(x, f)
+            y, mask = uncrop(x, f)
             _, prov = finder.refine(ae.encode(y) * weight)
             z0 = gather(gen.bank_, prov).float()
             err = ((y - ae.decode(z0)) ** 2 * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp_min(1) / 3
@@ -694,23 +695,6 @@ def decoder_features(autoencoder, latents: torch.Tensor, start: int, *, batch: i
                 x = step(x.to(step.dtype))
             out.append(x.float().contiguous().to(torch.float16))
     return torch.cat(out)
-
-
-def _uncrop(images: torch.Tensor, f: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Undo a centre crop keeping fraction f that was resized back: the image shrunk to the
-    crop's size and put back at the crop's place (as faceprint.fingerprint.attacks.crop_resize
-    cuts it); the uncovered border is filled by replication and masked out (mask (N, 1, H, W))."""
-    n, _, h, w = images.shape
-    if f >= 1.0:
-        return images, torch.ones(n, 1, h, w)
-    ch, cw = max(1, round(f * h)), max(1, round(f * w))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    small = F.interpolate(images, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
-    y = F.pad(small, (left, w - cw - left, top, h - ch - top), mode="replicate").clamp(0, 1)
-    mask = torch.zeros(n, 1, h, w)
-    e = 4  # resampling and the decoder's border: leave a margin out
-    mask[:, :, top + e:top + ch - e, left + e:left + cw - e] = 1
-    return y, mask
 
 
 def _decoder_from_state(state: dict[str, torch.Tensor]) -> nn.Sequential:

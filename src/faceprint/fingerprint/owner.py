@@ -358,6 +358,7 @@ class KeyedVerdict:
     registry_size: int
     match_distance: float  # mean latent distance of the image's pixels to the base rows they matched
     edit: str = "none"  # the edit the reference was given to match the image (BaseIndex: blur, resize)
+    crop: float = 1.0  # the centre-crop fraction the image was read as (BaseIndex; 1.0: the full frame)
 
 
 class KeyedVerifier:
@@ -407,6 +408,7 @@ class KeyedVerifier:
         best_e: list = [None] * n
         dist = torch.zeros(n)
         edit = ["none"] * n
+        crop = [1.0] * n
         for index, group in self.groups:
             res = index.residuals(images, batch=batch)
             sc = res.scores(self.secret, [e.code for e in group])  # (n, k)
@@ -417,6 +419,7 @@ class KeyedVerifier:
                     best_e[i] = group[int(j[i])]
                     dist[i] = res.match_distance[i]
                     edit[i] = res.edit[i] if res.edit else "none"
+                    crop[i] = res.crop[i] if res.crop else 1.0
         out = []
         for i in range(n):
             t, e = float(best[i]), best_e[i]
@@ -425,7 +428,7 @@ class KeyedVerifier:
                                     recipient=e.recipient if ok else None, score=t, nearest_instance=e.instance,
                                     threshold=self.threshold, p_value=normal_tail(t), fpr_bound=self.fpr_bound,
                                     registry_size=self.registry_size, match_distance=float(dist[i]),
-                                    edit=edit[i]))
+                                    edit=edit[i], crop=crop[i]))
         return out
 
 
