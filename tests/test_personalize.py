@@ -6,7 +6,6 @@ f_map; the base model is fitted on the first 96 celeba-10k photos (conftest)."""
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +151,7 @@ def test_mapping_saves_loads_and_resumes_exactly(trained, tmp_path):
 
 
 def test_expression_dropout_learns_a_null_that_inference_uses(trained):
-    from faceprint.personalize import MappingConfig, train_mapping
+    from faceprint.personalize import train_mapping
 
     _, _, mapping, data, cfg = trained
     net = mapping.net_

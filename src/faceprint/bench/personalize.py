@@ -26,8 +26,8 @@ mask (the whole latent) and no prompt region (Table 5's face-vs-background rule)
 coordinates only (no reference pixels).
 
 Metrics per face (one recogniser, dlib; one attribute classifier, faceprint's celeba heads on
-the generated latents): ID_cos = max(cos(dlib(ref), dlib(face)), 0); ID_accept = the gallery
-rule (mean descriptor of the 5 gallery photos, threshold 0.5); Prompt = mean classifier
+the TAEF2 encoding of the decoded face): ID_cos = max(cos(dlib(ref), dlib(face)), 0);
+ID_accept = the gallery rule (mean descriptor of the 5 gallery photos, threshold 0.5); Prompt = mean classifier
 probability of the requested values; Dir = mean over the prompt's attributes of max(0, that
 probability minus the reference's own); hMean and gMean of the row means of [ID_cos, Prompt,
 Dir]; FID of up to ``--fid-faces`` faces per row against celeba-10k 005001-010000. Paired
@@ -372,7 +372,10 @@ class Scorer:
         d = self.rec.describe(images)
         cos = torch.nn.functional.cosine_similarity(d.double(), self.ref_desc.double().expand_as(d), dim=1)
         dist = self.rec.gallery_distance(d, self.gallery)
-        probs = self.clf.predict_proba_latents(latents)
+        # the prompt is read off the face itself (decoded, then encoded again, as
+        # AttributeClassifier.classify sees an image), not off the latent the row produced: a
+        # linear edit of the latent (latent arithmetic) would otherwise score by construction
+        probs = self.clf.predict_proba_latents(self.ae.encode(images))
         pr = torch.stack([probs[a][:, v] for a, v in prompt.items()], 1)  # (n, attrs)
         ref = torch.stack([self.ref_probs[a][:, v] for a, v in prompt.items()], 1)
         return {"id_cos": cos.clamp_min(0).tolist(), "gallery_distance": dist.tolist(),
@@ -392,7 +395,7 @@ def evaluate_person(ctx, pi: int, t: dict, row: str, env: dict, n_faces: int, ta
     from ..latent.generator import Generator, GeneratorConfig
 
     label, kind, variant, kw = ROWS[row]
-    ae, gen = env["ae"], env["gen"]
+    ae = env["ae"]
     person = env["person"]
     scorer = env["scorer"]
     pers = env["pers"][variant or "msid"]
@@ -733,6 +736,8 @@ def _run(ctx, t_all) -> int:
                 best_docs[r].append(evaluate_person(ctx, pi, t, r, env, 16, "@16") if r in todo_b else
                                     _load_json(ctx.path("rows", r + "@16", f"{t['person']}.json")))
         print(f"person {pi + 1}/{len(sp['test'])} ({t['person']}) done, {time.perf_counter() - t_all:.0f} s", flush=True)
+    sheet_path = sheet(ctx, sp, parts, ae, gen, mappings, labels, directions)
+    print(f"sheet of references and their personalised faces (real people: never commit): {sheet_path}", flush=True)
     fids = {}
     if fid_rows:
         ref = reference_features(ctx, inc)
@@ -740,6 +745,32 @@ def _run(ctx, t_all) -> int:
             fids[r] = fid_of(ctx, r, ref)
     report(ctx, sp, gen, mappings, aucs, refusal, docs, best_docs, fids, timing, time.perf_counter() - t_all)
     return 0
+
+
+def sheet(ctx, sp, parts, ae, gen, mappings, labels, directions, people: int = 8, prompts: int = 4) -> Path:
+    """OUT/sheet.png: per row a test person's aligned reference, then the class model's face and
+    the method's face for the first prompts (face 0 of each seed). Real people: never commit."""
+    from .. import render
+    from ..cli.main import save_png
+
+    f = ctx.path("sheet.png")
+    if ctx.args.resume and f.is_file():
+        return f
+    tiles = []
+    for pi, t in enumerate(sp["test"][:people]):
+        env = person_env(ctx, pi, t, parts, ae, gen, {"msid": mappings["msid"]}, labels, directions)
+        pers, who = env["pers"]["msid"], env["identity"]["msid"]
+        row = [who.reference.image]
+        for qi, prompt in enumerate(ctx.prompts[:prompts]):
+            _, pm = pers.prompt(prompt)
+            for person in (None, who):
+                z, _ = _sample(pers, person, pm, 1, _seed(ctx, pi, qi), {} if person is None else {
+                    "reference_discount": 0.5, "prompt_cut": 0.4, "reimpose": False})
+                row.append(ae.decode(z)[0] if z is not None else torch.ones(3, 128, 128))
+        tiles.extend(row)
+    cols = 1 + 2 * min(prompts, len(ctx.prompts))
+    save_png(render.grid(render.to_uint8(torch.stack(tiles)), cols=cols), f)
+    return f
 
 
 def _done(ctx, row, t, faces, tag="") -> bool:
@@ -834,8 +865,10 @@ def _acceptance(stats, boot, refusal, tim, ctx) -> list[dict]:
 def _markdown(doc, ctx) -> None:
     print("# bench personalize: new faces of one person from one photo (papers/003 on LR-GMM-NN)\n")
     print(f"Command: `{doc['command']}`" + (" (timings contended: other jobs ran)" if doc["contended"] else ""))
-    print("\nOne recogniser (dlib) and one attribute classifier (faceprint's celeba heads, on the generated "
-          "latents) stand for F2D's three face recognisers and CLIP/SigLIP; hMean and gMean are over "
+    print("\nSheet (OUT/sheet.png, not committed: real people): per row the aligned reference, then for each of "
+          "the first 4 prompts the class model's face and the method's face from the same seed.")
+    print("\nOne recogniser (dlib) and one attribute classifier (faceprint's celeba heads, on the TAEF2 encoding "
+          "of each decoded face) stand for F2D's three face recognisers and CLIP/SigLIP; hMean and gMean are over "
           "[ID_cos, Prompt, Dir]. No photo of a person is in this file; the sheet of references and faces stays "
           "in the bench's --out folder.")
     print_table("Machine and settings", ["item", "value"], [[k, v] for k, v in doc["machine"].items()] +

@@ -12,13 +12,22 @@ Sampling (the inference of Fig. 3b, with the CGDR analog as a sampling rule):
    and index (so rows of a benchmark compare the same class samples);
 2. its identity coordinates inside the face mask are set to S* = f_map([v_id, ṽ_exp])
    (:meth:`PersonalizeMapping.apply`); the background and the within-person variation
-   (expression, accessories, hair) stay the class sample's;
+   (expression, accessories, hair) stay the class sample's: this is the refinement target;
 3. NN refinement with the class model's bank (the cell's photos): every latent pixel is copied
    from a training photo, so a fingerprinted instance's mark is carried;
-4. the identity coordinates are set again inside the mask (``reimpose``; the refinement
-   pulls the face toward training photos), scaled by ``strength``;
-5. the copy guard redraws faces over the share rule or the distance rule (as ``generate``);
-6. the instance's own decoder turns the latent into a 128 px face.
+4. (the method's default, ``reference_discount`` 0.5) inside the face mask, a latent pixel is
+   taken from the reference's own latent where half its 5x5 patch distance to the target beats
+   the bank collage's, except where the prompt's attributes live (the attribute map of the
+   prompt's labels >= ``prompt_cut``, 0.4): the face follows the person, the prompt's region
+   and the background follow the class model. Measured on 8 held-out people with a mapping
+   trained on 40 (``python -m faceprint.bench personalize`` is the full measurement): the
+   identity coordinates alone moved the dlib distance to the reference from 0.84 (class model)
+   to 0.74; reference pixels everywhere in the mask to 0.34 but halved the Smiling probability
+   (0.98 -> 0.51); outside the prompt's region 0.61-0.69 at 0.80-0.89;
+5. ``reimpose`` (off by default, on for the identity-coordinates-only variant) sets the identity
+   coordinates again after the refinement, scaled by ``strength``;
+6. the copy guard redraws faces over the share rule or the distance rule (as ``generate``);
+7. the instance's own decoder turns the latent into a 128 px face.
 
 Consent and accountability:
 
