@@ -38,6 +38,7 @@ repository), so photos are encoded once across runs; a self-check compares that 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import io
 import json
@@ -102,6 +103,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=_positive_int, default=250, help="faces generated / decoded per chunk (default 250)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for attribution-<mechanism>.json and .md")
     p.add_argument("--weights", type=Path, default=None, help="TAEF2 weights folder")
+    p.add_argument("--crops", type=_crops, default=None, metavar="F,F,...",
+                   help="keyed-bank: centre-crop fractions the read-out tries, the first 1 (default: the verifier's, "
+                        "1,0.93,0.86,0.8; '1' reads the full frame only, as runs before the crop search did)")
     p.add_argument("--mechanism", choices=("keyed-bank", "datalevel-bank"), default="keyed-bank",
                    help="the fingerprint measured (default keyed-bank, what `fingerprint issue` makes; datalevel-bank: "
                         "the shared-key lattice mechanism with its calibration and step table)")
@@ -346,6 +350,8 @@ def run(args) -> int:
         "test": f"celeba-10k {args.train + 1:06d}-010000 + celeba-id "
                 f"({'all' if args.test_photos is None else f'first {args.test_photos} each'}) + "
                 f"{args.test_faces} unfingerprinted faces",
+        "read-out crops": "full frame only" if tuple(args.crops) == (1.0,) else
+                          "centre crops tried: " + ", ".join(f"{f:g}" for f in args.crops),
         "FID": f"{args.fid_n} faces per model vs celeba-10k {REF_FIRST:06d}-{REF_FIRST + args.fid_reference - 1:06d}"
                if args.fid_n else "skipped",
         "datasets": str(ds),
@@ -736,11 +742,21 @@ KEYED_CHUNK = 500  # negative images per resumable chunk
 KEYED_INSTANCE_CHUNK = 10  # issued instances per resumable chunk of positives
 
 
+def _crops(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--crops takes comma-separated fractions such as 1,0.93,0.86, got {text!r}")
+    if not out or out[0] != 1.0 or any(not 0.5 <= f <= 1.0 for f in out):
+        raise argparse.ArgumentTypeError(f"--crops must start with 1 and hold fractions in [0.5, 1], got {text!r}")
+    return out
+
+
 def _keyed_settings(args) -> dict:
     return {"seed": args.seed, "train": args.train, "instances": args.instances, "faces": args.faces,
             "attack_faces": args.attack_faces, "test_photos": args.test_photos, "test_faces": args.test_faces,
             "fid_n": args.fid_n, "fid_reference": args.fid_reference, "target_fpr": args.target_fpr,
-            "batch": args.batch, "attacks": [[c, a, s] for c, a, s in ATTACK_COLUMNS]}
+            "batch": args.batch, "attacks": [[c, a, s] for c, a, s in ATTACK_COLUMNS], "crops": list(args.crops)}
 
 
 def _run_keyed(args) -> int:
@@ -781,11 +797,16 @@ def _run_keyed(args) -> int:
     for _col, name, strength in ATTACK_COLUMNS[1:]:
         _attack_spec(name, strength, None)
     seed = args.seed
+    if args.crops is None:
+        from ..fingerprint.keyed import DEFAULT_CROPS
+
+        args.crops = DEFAULT_CROPS
     work = args.out / KEYED_PARTS
     settings = _keyed_settings(args)
     sig_path = work / "settings.json"
     if args.resume and sig_path.is_file():
         old = json.loads(sig_path.read_text())
+        old.setdefault("crops", [1.0])  # runs from before the crop search read the full frame only
         if old != json.loads(json.dumps(settings)):
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
             print(f"--resume: the run in {work} used other settings ({', '.join(diff)}); rerun with them, or without "
@@ -827,6 +848,8 @@ def _run_keyed(args) -> int:
         "test": f"celeba-10k {args.train + 1:06d}-010000 + celeba-id "
                 f"({'all' if args.test_photos is None else f'first {args.test_photos} each'}) + "
                 f"{args.test_faces} unfingerprinted faces",
+        "read-out crops": "full frame only" if tuple(args.crops) == (1.0,) else
+                          "centre crops tried: " + ", ".join(f"{f:g}" for f in args.crops),
         "FID": f"{args.fid_n} faces per model vs celeba-10k {REF_FIRST:06d}-{REF_FIRST + args.fid_reference - 1:06d}"
                if args.fid_n else "skipped"})
     T("Machine and settings", ["item", "value"], [[k, v] for k, v in info.items()])
@@ -854,7 +877,7 @@ def _run_keyed(args) -> int:
     with owner.open_registry(create=False) as reg:
         entries = sorted((e for e in reg.all() if e.mechanism == KEYED_MECHANISM), key=lambda e: e.instance)
     entries = entries[: args.instances]
-    verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr)
+    verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr, crops=tuple(args.crops))
     secret = verifier.secret
     (index, group), = verifier.groups
     codes = [e.code for e in group]

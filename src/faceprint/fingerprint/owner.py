@@ -374,9 +374,10 @@ class KeyedVerifier:
     the keys' pseudo-randomness; measured by ``python -m faceprint.bench redteam`` and
     ``calibrate``)."""
 
-    def __init__(self, owner: Owner, entries, autoencoder, *, target_fpr: float | None = None):
+    def __init__(self, owner: Owner, entries, autoencoder, *, target_fpr: float | None = None,
+                 crops: tuple[float, ...] | None = None):
         from ..latent.generator import Generator
-        from .keyed import DEFAULT_TARGET_FPR, BaseIndex, normal_tail, sidak, threshold_for
+        from .keyed import DEFAULT_CROPS, DEFAULT_TARGET_FPR, BaseIndex, normal_tail, sidak, threshold_for
 
         if target_fpr is None:
             target_fpr = DEFAULT_TARGET_FPR
@@ -397,7 +398,8 @@ class KeyedVerifier:
                 raise InputError(f"the base model {model_hash[:12]}... of {len(group)} issued instance(s) is missing "
                                  f"from {str(path.parent)!r}: restore the owner folder from its backup")
             base = Generator.load(path, autoencoder=autoencoder)
-            self.groups.append((BaseIndex(base.bank_, autoencoder, self.secret), group))
+            self.groups.append((BaseIndex(base.bank_, autoencoder, self.secret,
+                                          crops=DEFAULT_CROPS if crops is None else crops), group))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, *, batch: int = 64) -> list[KeyedVerdict]:
