@@ -267,7 +267,9 @@ def test_prompt_model_draws_only_from_the_prompt_cell_and_warns_on_small_cells(p
 def test_personalised_faces_carry_the_identity_coordinates_and_the_prompt(pers, parts, trained):
     rec = parts[0]
     person = pers.encode(_ref())
-    assert person.seconds["mapping"] < 0.1  # features + f_map; the descriptor and latent are timed apart
+    # features + f_map (the descriptor and the latent are timed apart); CPU time: a loaded machine's wall
+    # clock says more about the other jobs than about this code
+    assert person.seconds["mapping_cpu"] < 0.1
     images, record = pers.generate(person, {"Smiling": 1}, n=4, seed=3)
     _, pm = pers.prompt({"Smiling": 1})
     # identity coordinates only (reimposed after the refinement): they land on S*

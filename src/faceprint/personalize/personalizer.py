@@ -196,14 +196,15 @@ class Personalizer:
         if latent is None:
             ae = getattr(self.gen.autoencoder, "base", self.gen.autoencoder)
             latent = ae.encode(ref.image[None])  # (1, 32, 16, 16)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         S = self.mapping.encode(latent, descriptor)  # inference: the learned null replaces v_exp (Eq. 4)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         u8 = (ref.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         lm = self.finder.box_landmarks(u8, DEFAULT_BOX)[None]
         v_exp = expression_features(latent, lm, self.classifier)  # kept for expression-conditioned use
         return Identity(S=S, descriptor=descriptor, latent=latent, expression=v_exp, reference=ref,
-                        seconds={"latent": round(t1 - t0, 4), "mapping": round(t2 - t1, 4)})
+                        seconds={"latent": round(t1 - t0, 4), "mapping": round(t2 - t1, 4),
+                                 "mapping_cpu": round(c2 - c1, 4)})
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, targets, *, allow_unmeasured: bool = False, min_members: int = 8) -> tuple[Prompt, PromptModel]:
