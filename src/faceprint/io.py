@@ -244,6 +244,29 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def optimizer_tensors(prefix: str, state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
+    """An optimizer's ``state_dict()`` in a form :func:`save_artifact` can hold without pickle:
+    its per-parameter state as tensors named ``PREFIX.PARAM_ID.KEY`` (numbers as 0-d tensors),
+    and its ``param_groups`` (plain JSON) to put in the metadata. :func:`optimizer_state` inverts it."""
+    tensors = {}
+    for pid, st in state_dict["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    """The ``state_dict`` for ``Optimizer.load_state_dict`` from :func:`optimizer_tensors`' tensors
+    (others in ``tensors`` are ignored) and the saved ``param_groups``."""
+    state: dict = {}
+    head = prefix + "."
+    for name, v in tensors.items():
+        if name.startswith(head):
+            pid, key = name[len(head):].split(".", 1)
+            state.setdefault(int(pid), {})[key] = v
+    return {"state": state, "param_groups": param_groups}
+
+
 def save_artifact(path, tensors: dict[str, torch.Tensor], meta: dict, *, mode: int | None = None) -> None:
     """Write tensors and JSON-serialisable metadata to one .safetensors file, atomically.
 

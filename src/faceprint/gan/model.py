@@ -70,7 +70,7 @@ import torch
 from .. import __version__
 from ..errors import (ArtifactError, ConfigError, InputError, NotFittedError, SmallDataWarning,  # noqa: F401
                       TrainingDivergedError, TrainingDivergedWarning)
-from ..io import load_artifact, now_iso, save_artifact
+from ..io import load_artifact, now_iso, optimizer_state, optimizer_tensors, save_artifact
 from ..seeding import check_seed, derive_seed
 from ..seeding import generator as make_generator
 from .losses import LOSSES, losses_for
@@ -246,16 +246,6 @@ def _as_latents(data, name: str) -> torch.Tensor:
 def data_fingerprint(x: torch.Tensor) -> str:
     """sha256 of the latents' bytes (float32, C order): what a checkpoint was trained on."""
     return hashlib.sha256(x.float().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    head = prefix + ".state."
-    for name, v in tensors.items():
-        if name.startswith(head):
-            pid, key = name[len(head):].split(".", 1)
-            state.setdefault(int(pid), {})[key] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _bar(total: int, initial: int, progress: bool):
@@ -708,11 +698,9 @@ def _write_checkpoint(path, snap: dict, cfg: GANConfig, seed: int, fingerprint: 
             "train_seconds": snap["train_seconds"], "created": now_iso(), "torch_version": torch.__version__,
             "threads": torch.get_num_threads()}
     for name in ("opt_g", "opt_d"):
-        opt = snap[name]
-        for pid, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"{name}.state.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().contiguous()
-        meta[name] = {"param_groups": opt["param_groups"]}
+        t, groups = optimizer_tensors(name + ".state", snap[name])
+        tensors.update(t)
+        meta[name] = {"param_groups": groups}
     save_artifact(path, tensors, meta)
 
 
@@ -723,7 +711,7 @@ def _read_checkpoint(path) -> dict:
         for part in ("G", "D", "G_ema"):
             out[part] = {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")}
         for name in ("opt_g", "opt_d"):
-            out[name] = _unflatten_optimizer(name, tensors, meta[name])
+            out[name] = optimizer_state(name + ".state", tensors, meta[name]["param_groups"])
         for key in ("iteration", "planned", "history", "train_seconds", "config", "seed", "data_sha256"):
             meta[key]
     except (KeyError, TypeError, ValueError) as e:

@@ -44,7 +44,7 @@ import torch
 
 from .. import __version__
 from ..errors import ArtifactError, ConfigError, InputError
-from ..io import load_artifact, now_iso, save_artifact
+from ..io import load_artifact, now_iso, optimizer_state, optimizer_tensors, save_artifact
 from ..seeding import check_seed, derive_seed
 from ..seeding import generator as make_generator
 from . import operations as ops
@@ -162,11 +162,8 @@ class _State:
             tensors.update({f"{name}.{k}": v for k, v in mod.state_dict().items()})
         groups = {}
         for oname, opt in (("opt_g", self.opt_g), ("opt_d", self.opt_d)):
-            sd = opt.state_dict()
-            for idx, st in sd["state"].items():
-                for k, v in st.items():
-                    tensors[f"{oname}.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-            groups[oname] = sd["param_groups"]
+            t, groups[oname] = optimizer_tensors(oname, opt.state_dict())
+            tensors.update(t)
         meta = {"class": CHECKPOINT_CLASS, "config": self.config.to_dict(), "train_config": self.train.to_dict(),
                 "seed": self.seed, "step": self.step, "history": self.history, "param_groups": groups,
                 "data_hash": data_hash, "seconds": self.seconds, "created": now_iso()}
@@ -193,13 +190,7 @@ class _State:
                 pre = name + "."
                 mod.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, strict=True)
             for oname, opt in (("opt_g", s.opt_g), ("opt_d", s.opt_d)):
-                state: dict = {}
-                pre = oname + "."
-                for k, v in tensors.items():
-                    if k.startswith(pre):
-                        idx, key = k[len(pre):].split(".", 1)
-                        state.setdefault(int(idx), {})[key] = v
-                opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][oname]})
+                opt.load_state_dict(optimizer_state(oname, tensors, meta["param_groups"][oname]))
         except (KeyError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"checkpoint {str(path)!r} is incomplete or inconsistent ({e.__class__.__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}); delete it and train again") from None

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ArtifactError, ConfigError, InputError, TrainingDivergedError
-from ..io import load_artifact, now_iso, save_artifact
+from ..io import load_artifact, now_iso, optimizer_state, optimizer_tensors, save_artifact
 from ..seeding import check_seed
 from ..seeding import generator as make_generator
 from .layers import head, layer_name, modules_digest, resolve_layer, tail, value_scale
@@ -308,11 +308,8 @@ class _State:
         for name, mod in self.modules().items():
             tensors.update({f"{name}.{k}": v for k, v in mod.state_dict().items()})
         for oname, opt in self.opts().items():
-            sd = opt.state_dict()
-            for idx, st in sd["state"].items():
-                for k, v in st.items():
-                    tensors[f"{oname}.{idx}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-            groups[oname] = sd["param_groups"]
+            t, groups[oname] = optimizer_tensors(oname, opt.state_dict())
+            tensors.update(t)
         save_artifact(path, tensors, {"class": CHECKPOINT_CLASS, "config": config.to_dict(), "seed": seed,
                                       "data_hash": data_hash, "step": self.step, "seconds": self.seconds,
                                       "history": self.history, "param_groups": groups, "created": now_iso()})
@@ -332,13 +329,7 @@ class _State:
                 pre = name + "."
                 mod.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, strict=True)
             for oname, opt in s.opts().items():
-                state: dict = {}
-                pre = oname + "."
-                for k, v in tensors.items():
-                    if k.startswith(pre):
-                        idx, key = k[len(pre):].split(".", 1)
-                        state.setdefault(int(idx), {})[key] = v
-                opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][oname]})
+                opt.load_state_dict(optimizer_state(oname, tensors, meta["param_groups"][oname]))
         except (KeyError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"checkpoint {str(path)!r} is inconsistent ({e.__class__.__name__}); delete it") from None
         s.step, s.seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
