@@ -300,3 +300,18 @@ def test_a_failed_issue_leaves_no_owner_folder_registry_or_secret(keyed_owner, t
     # and a later issue works from scratch
     entry, _ = issue_instance(gen, sha256_file(m), owner, "Dave", "dave", seed=4)
     assert entry.instance == "dave" and owner.secret_path.is_file()
+
+
+def test_bench_attribution_crops_option_parses_and_refuses():
+    import argparse
+
+    from faceprint.bench.attribution import _crops
+    from faceprint.errors import ConfigError
+    from faceprint.fingerprint.keyed import BaseIndex
+
+    assert _crops("1,0.93,0.86") == (1.0, 0.93, 0.86) and _crops("1") == (1.0,)
+    for bad in ("0.9,1", "1,0.3", "1,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--crops"):
+            _crops(bad)
+    with pytest.raises(ConfigError, match="crops must start with 1.0"):
+        BaseIndex(torch.zeros(2, 4, 4, 4), None, OwnerSecret(), crops=(0.9,))
