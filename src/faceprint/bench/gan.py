@@ -73,7 +73,7 @@ def add_arguments(p) -> None:
     p.add_argument("--curve-n", type=int, default=500, help="faces per curve point")
     p.add_argument("--baselines", default="lrgmm,lrgmm-nn", help="baseline rows recomputed at -n ('' for none)")
     p.add_argument("--data", type=Path, default=None, help="celeba-10k images folder (default ../shared/...)")
-    p.add_argument("--out", type=Path, default=Path("/work/runs/gan"),
+    p.add_argument("--out", type=Path, default=Path("bench-results/gan"),
                    help="folder for checkpoints, partial rows and sample sheets (outside the repository)")
     p.add_argument("--results", type=Path, default=None, help="folder for gan.md/gan.json/curves (default docs/results)")
     p.add_argument("--resume", action="store_true", help="reuse finished rows and checkpoints of the same settings")

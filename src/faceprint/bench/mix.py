@@ -61,7 +61,7 @@ CANVAS_ROWS = ("pixel", "latent", "patch", "ours", "no_zg", "no_blend", "no_shuf
 
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, default=None, help="celeba-id folder (default ../shared/datasets/celeba-id)")
-    p.add_argument("--out", type=Path, default=Path("/work/runs/mix") if Path("/work/runs").is_dir() else Path("mix-bench"),
+    p.add_argument("--out", type=Path, default=Path("bench-results/mix"),
                    help="state and outputs (outside the repository)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")

@@ -84,8 +84,8 @@ ROWS = {
 
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, default=None, help="datasets folder (default ../shared/datasets)")
-    p.add_argument("--out", type=Path, default=Path("/work/runs/personalize/bench") if Path("/work/runs").is_dir()
-                   else Path("personalize-bench"), help="state and outputs (outside the repository)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/personalize"),
+                   help="state and outputs (outside the repository)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--people", type=int, default=100, help="test identities (celeba-id; default 100)")
     p.add_argument("--prompts", default=",".join(DEFAULT_PROMPTS),

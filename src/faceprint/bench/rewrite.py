@@ -71,8 +71,8 @@ VARIANTS = ("encoder-only", "feature", "feature+scc", "feature+scc+adv")
 
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, default=None, help="celeba-10k folder (default ../shared/datasets/celeba-10k)")
-    p.add_argument("--out", type=Path, default=Path("/work/runs/rewrite/bench") if Path("/work/runs").is_dir()
-                   else Path("rewrite-bench"), help="state and outputs (outside the repository)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/rewrite"),
+                   help="state and outputs (outside the repository)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--photos", type=int, default=1024, help="no-eyeglasses training photos (default 1024)")
     p.add_argument("--faces", type=int, default=1000, help="fresh seeds per row (default 1000)")

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp-steps", type=int, default=400, help="steps over which augmentation strength ramps to full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--run-dir", type=Path, default=Path("/work/runs/fp-modulated"), help="logs and checkpoints")
+    p.add_argument("--run-dir", type=Path, default=Path("bench-results/fp-modulated"), help="logs and checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the final weights are written")
