@@ -334,3 +334,28 @@ def test_cli_refuses_a_fingerprinted_instance(gen, taef2, tmp_path, capsys):
     code, cap = _run(["rewrite", str(p), "--paste", f"{p}:0,0,8,8", "--onto", "0:0", "-o", str(out)], capsys)
     assert code == 2 and "fingerprinted instance" in cap.err and "'bob'" in cap.err
     assert not out.exists()
+
+
+def test_forgetting_after_a_bank_rewrite_keeps_keys_and_values_aligned(gen, edits):
+    """Taming after a memory rewrite: the rows stay paired, and forgetting the inserted rows
+    takes the rewritten pattern out of the faces."""
+    from faceprint.rewrite import RewriteConfig, rewrite
+    from faceprint.rewrite.bank import region_cells
+    from faceprint.taming.forget import forget
+
+    N = gen.n_photos
+    R = region_cells(edits[0].mask, 16)
+    out, _ = rewrite(gen, edits, RewriteConfig(memory="bank", bank_mode="insert", key_shift=1.0))
+    assert float((out.sample_latents(16, seed=4).provenance[:, R] >= N).float().mean()) > 0.3
+    # forget one ordinary photo: keys follow values, the inserted rows are still retrieved
+    one = forget(out, [3])
+    one = one[0]
+    assert one.bank_keys_.shape == one.bank_.shape == (N + 1, *gen.latent_shape)
+    assert torch.equal(one.bank_keys_[3], out.bank_keys_[4]) and torch.equal(one.bank_[3], out.bank_[4])
+    s = one.sample_latents(16, seed=4)
+    assert float((s.provenance[:, R] >= N - 1).float().mean()) > 0.3
+    # forget the two inserted rows: the memory is the original bank again
+    back = forget(out, [N, N + 1])
+    back = back[0]
+    assert back.bank_.shape[0] == N and torch.equal(back.bank_, gen.bank_)
+    assert int((back.sample_latents(16, seed=4).provenance >= N).sum()) == 0

@@ -611,7 +611,7 @@ class Generator:
         ``("bank_",)`` when the caller replaces the bank anyway: it saves copying the memory)."""
         self._check_fitted()
         for name in share:
-            if name not in ("bank_", "projector_", "mixture_", "training_"):
+            if name not in ("bank_", "bank_keys_", "projector_", "mixture_", "training_"):
                 raise ValueError(f"share: {name!r} is not a shareable attribute")
         held = {name: getattr(self, name) for name in ("autoencoder", *share)}
         cache, self._cache = self._cache, {}

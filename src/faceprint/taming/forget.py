@@ -99,14 +99,19 @@ def forget(gen, indices, *, name: str | None = None):
         raise InputError(f"forgetting {len(idx)} of {N} photos leaves fewer than 2; fit a new model instead")
     # timed: the edit; not timed: the diagnostics (log p of the forgotten photos before and after)
     t0 = time.perf_counter()
-    Y = gen.projector_.transform(gen.bank_[idx].float()).reshape(len(idx), -1).double()
+    # the mixture was fitted on the memory's keys (the bank itself unless a bank rewrite stored
+    # keys beside edited values): the forgotten photos' points are their keys
+    keys = getattr(gen, "bank_keys_", None)
+    if keys is None:
+        keys = gen.bank_
+    Y = gen.projector_.transform(keys[idx].float()).reshape(len(idx), -1).double()
     seconds = time.perf_counter() - t0
     d = Y.shape[1]
     lp_before = (gen.mixture_.log_prob(Y) / d).tolist()
     t0 = time.perf_counter()
     # the bank is replaced below and the mixture's edit assigns new parameters (the tensors of
     # components it does not touch are shared, never written): no deep copy of either
-    out = gen.copy(share=("bank_", "mixture_"))
+    out = gen.copy(share=("bank_", "bank_keys_", "mixture_"))
     out.mixture_ = mix = copy.copy(gen.mixture_)
     K0 = mix.weights_.numel()
     info = mix.remove_points(Y, N)
@@ -117,10 +122,12 @@ def forget(gen, indices, *, name: str | None = None):
     new_labels = remap[labels]
     orphans = torch.nonzero(new_labels < 0).squeeze(1)
     if orphans.numel():  # photos whose component disappeared join their most likely remaining one
-        Yo = out.projector_.transform(out.bank_[keep[orphans]].float()).reshape(len(orphans), -1)
+        Yo = out.projector_.transform(keys[keep[orphans]].float()).reshape(len(orphans), -1)
         new_labels[orphans] = mix.predict(Yo)
     mix.labels_ = new_labels
     out.bank_ = out.bank_[keep].contiguous()
+    if getattr(out, "bank_keys_", None) is not None:  # keys and values stay row-aligned
+        out.bank_keys_ = out.bank_keys_[keep].contiguous()
     tr = out.training_
     removed_rel = [tr.relpaths[i] for i in idx] if tr.relpaths else []
     removed_hashes = [tr.hashes[i] for i in idx] if tr.hashes else []
