@@ -31,7 +31,8 @@ Attention sits at 8 x 8, the middle resolution of the 4 -> 16 generator. The cha
 32 x 32 in a 4 -> 128 generator. See faceprint.gan.attention for the patch size.
 
 Deviations from the chapter, stated: the backbone (DCGAN-style, not StyleGAN2), the resolution
-(16 x 16 latents, not 128-256 px images), and no style mapping, modulation or noise inputs.
+(16 x 16 latents, not 128-256 px images), and no style mapping or modulation (the noise inputs
+are StyleGAN's).
 """
 
 from __future__ import annotations
