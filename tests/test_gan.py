@@ -199,6 +199,56 @@ def test_training_is_reproducible_and_resume_equals_uninterrupted(tmp_path):
         _fit(cfg, x, seed=5, resume=True)
 
 
+def test_diffaugment_policies_move_and_mask_the_grid_differentiably():
+    from faceprint.gan.augment import augment, parse_policy
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16) + 1  # no zeros
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    assert augment(x, (), g(0)) is x
+    # flip: every sample is itself or its mirror image
+    f = augment(x, ("flip",), g(1))
+    assert all(torch.equal(f[b], x[b]) or torch.equal(f[b], x[b].flip(2)) for b in range(2))
+    # translation: a shift by at most 2 cells, zeros where the grid came from outside
+    for seed in range(6):
+        t = augment(x, ("translation",), g(seed))
+        for b in range(2):
+            hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                    if torch.equal(t[b], torch.roll(x[b], (dy, dx), (1, 2)) * _inside(dy, dx))]
+            assert len(hits) == 1
+    # cutout: one 8 x 8 square of zeros, the rest untouched
+    c = augment(x, ("cutout",), g(2))
+    for b in range(2):
+        zero = c[b, 0] == 0
+        assert int(zero.sum()) == 64 and torch.equal(c[b][:, ~zero], x[b][:, ~zero])
+    # differentiable: the gradient reaches every input cell that is still shown
+    xr = x.clone().requires_grad_(True)
+    augment(xr, parse_policy("flip,translation,cutout"), g(3)).sum().backward()
+    assert set(xr.grad.unique().tolist()) <= {0.0, 1.0} and float(xr.grad.sum()) > 0.5 * x[0].numel()
+    with pytest.raises(ValueError, match="unknown augmentation blur"):
+        parse_policy("flip,blur")
+    with pytest.raises(ConfigError, match="augment"):
+        GANConfig(augment="zoom")
+
+
+def _inside(dy, dx):
+    """(16, 16) mask of the cells a shift by (dy, dx) fills from inside the grid."""
+    ys, xs = torch.arange(16).view(16, 1), torch.arange(16).view(1, 16)
+    return (((ys - dy) >= 0) & ((ys - dy) < 16) & ((xs - dx) >= 0) & ((xs - dx) < 16)).float()
+
+
+def test_augmented_training_is_reproducible_and_differs_from_plain(tmp_path):
+    x = _latents()
+    cfg = replace(MICRO, augment="flip,translation,cutout")
+    a = _fit(cfg, x, seed=5)
+    b = _fit(cfg, x, seed=5)
+    plain = _fit(MICRO, x, seed=5)
+    assert torch.equal(a.sample_latents(3, seed=1).latents, b.sample_latents(3, seed=1).latents)
+    assert not torch.equal(a.sample_latents(3, seed=1).latents, plain.sample_latents(3, seed=1).latents)
+    path = tmp_path / "aug.safetensors"
+    a.save(path)
+    assert LatentGAN.load(path).config.augment == "flip,translation,cutout"
+
+
 def test_a_time_budget_plans_the_iterations_from_the_measured_speed(monkeypatch):
     import types
 

@@ -73,6 +73,7 @@ from ..errors import (ArtifactError, ConfigError, InputError, NotFittedError, Sm
 from ..io import load_artifact, now_iso, optimizer_state, optimizer_tensors, save_artifact
 from ..seeding import check_seed, derive_seed
 from ..seeding import generator as make_generator
+from .augment import augment, parse_policy
 from .losses import LOSSES, losses_for
 from .networks import LatentD, LatentG, count_params, macs_per_sample
 
@@ -118,6 +119,9 @@ class GANConfig:
     noise : bool
         StyleGAN's per-pixel noise inputs in G (faceprint.gan.networks says why they matter on
         TAEF2 latents). Artifacts written before this switch existed load with noise off.
+    augment : str
+        DiffAugment policies applied to every input of D, real and generated (comma-separated
+        of "flip", "translation", "cutout"; "" for none; faceprint.gan.augment).
     attn_patch, attn_reduction, attn_groups, attn_hidden : ints
         The attention layers' patch size s (odd), K/Q channel reduction, channel groups
         sharing a weight map, and hidden width of the weight MLP (faceprint.gan.attention).
@@ -142,6 +146,7 @@ class GANConfig:
     g_attention: bool = False
     d_reference_attention: bool = False
     noise: bool = True
+    augment: str = ""
     attn_patch: int = 5
     attn_reduction: int = 8
     attn_groups: int = 8
@@ -180,6 +185,12 @@ class GANConfig:
             uses = self.g_attention if name.startswith("g") else self.d_reference_attention
             if uses and c % self.attn_groups:
                 raise ConfigError(f"GAN config attn_groups = {self.attn_groups} must divide {name} = {c}")
+        if not isinstance(self.augment, str):
+            raise ConfigError(f"GAN config augment must be a string such as 'flip,translation', got {self.augment!r}")
+        try:
+            parse_policy(self.augment)
+        except ValueError as e:
+            raise ConfigError(f"GAN config augment: {e}") from None
         for name in ("g_attention", "d_reference_attention", "noise"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GAN config {name} must be True or False, got {getattr(self, name)!r}")
@@ -210,6 +221,7 @@ class GANConfig:
         if isinstance(d.get("g_channels"), list):
             d["g_channels"] = tuple(d["g_channels"])
         d.setdefault("noise", False)  # written before noise inputs existed
+        d.setdefault("augment", "")  # written before augmentation existed
         return cls(**d)
 
 
@@ -381,6 +393,7 @@ class LatentGAN:
             planned = cfg.iterations
         d_ns, g_ns = losses_for("ns")
         d_main, g_main = losses_for(cfg.loss)
+        policy = parse_policy(cfg.augment)
         B = cfg.batch_size
         perms: dict[int, torch.Tensor] = {}
 
@@ -449,8 +462,8 @@ class LatentGAN:
                 r1_step = cfg.r1_gamma > 0 and it % cfg.r1_every == 0
                 if r1_step:
                     real = real.detach().requires_grad_(True)
-                d_real = D(real, ref)
-                d_fake = D(fake, ref)
+                d_real = D(augment(real, policy, make_generator(seed, "gan-aug-real", it)), ref)
+                d_fake = D(augment(fake, policy, make_generator(seed, "gan-aug-fake", it)), ref)
                 loss_d = d_fn(d_real, d_fake)
                 r1 = torch.zeros(())
                 if r1_step:
@@ -467,10 +480,10 @@ class LatentGAN:
                 for p in D.parameters():
                     p.requires_grad_(False)
                 fake = G(z_g, n_g)
-                d_fake_g = D(fake, ref)
+                d_fake_g = D(augment(fake, policy, make_generator(seed, "gan-aug-g", it)), ref)
                 if kind == "contrastive":
                     with torch.no_grad():
-                        d_real_g = D(real.detach(), ref)
+                        d_real_g = D(augment(real.detach(), policy, make_generator(seed, "gan-aug-real", it)), ref)
                 else:
                     d_real_g = d_fake_g.detach()  # unused by the NS and hinge generator losses
                 loss_g = g_fn(d_real_g, d_fake_g)
