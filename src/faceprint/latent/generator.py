@@ -270,6 +270,13 @@ class Generator:
         return "gan" if getattr(self, "latent_model_", None) is not None else self.config.method
 
     @property
+    def memory_keys(self) -> torch.Tensor:
+        """The refinement memory's keys: the bank, unless a bank rewrite stored keys beside
+        edited values (``bank_keys_``). The mixture and the patch search work on these."""
+        keys = getattr(self, "bank_keys_", None)
+        return self.bank_ if keys is None else keys
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         self._check_fitted()
         return tuple(self.bank_.shape[1:])

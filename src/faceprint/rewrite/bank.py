@@ -60,7 +60,7 @@ def value_edit(gen, edited_latent: torch.Tensor, mask: torch.Tensor, *, keep_key
     vals = edited_latent.to(bank.dtype)  # (C, h, w)
     bank[:, :, R] = vals[:, R][None]
     out.bank_ = bank.contiguous()
-    old_keys = gen.bank_ if getattr(gen, "bank_keys_", None) is None else gen.bank_keys_
+    old_keys = gen.memory_keys
     if keep_keys:
         out.bank_keys_ = old_keys
     elif getattr(gen, "bank_keys_", None) is not None:
@@ -86,7 +86,7 @@ def insert_rows(gen, original_latents: torch.Tensor, edited_latents: torch.Tenso
     _, h, w = gen.latent_shape
     mix = gen.mixture_
     K = int(mix.weights_.numel())
-    old_keys = gen.bank_ if getattr(gen, "bank_keys_", None) is None else gen.bank_keys_
+    old_keys = gen.memory_keys
     labels = mix.labels_
     new_keys, new_vals, new_labels, new_names, new_hashes = [], [], [], [], []
     for e in range(E):

@@ -101,9 +101,7 @@ def forget(gen, indices, *, name: str | None = None):
     t0 = time.perf_counter()
     # the mixture was fitted on the memory's keys (the bank itself unless a bank rewrite stored
     # keys beside edited values): the forgotten photos' points are their keys
-    keys = getattr(gen, "bank_keys_", None)
-    if keys is None:
-        keys = gen.bank_
+    keys = gen.memory_keys
     Y = gen.projector_.transform(keys[idx].float()).reshape(len(idx), -1).double()
     seconds = time.perf_counter() - t0
     d = Y.shape[1]
