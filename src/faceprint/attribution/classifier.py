@@ -200,8 +200,9 @@ def train_network(net: AttributionNet, images: torch.Tensor, labels: torch.Tenso
     Returns
     -------
     dict
-        epochs_done, complete, seconds (this call), history (per epoch: loss, accuracy on the
-        training crops, seconds).
+        epochs_done, complete, seconds (all epochs, also those of earlier calls resumed from the
+        checkpoint), call_seconds (this call), history (per epoch: loss, accuracy on the training
+        crops, seconds).
     """
     cfg = config or TrainConfig()
     check_seed(seed)
@@ -259,8 +260,9 @@ def train_network(net: AttributionNet, images: torch.Tensor, labels: torch.Tenso
         if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds and not complete:
             break
     net.eval()
-    return {"epochs_done": len(history), "complete": complete, "seconds": time.perf_counter() - t0,
-            "history": history}
+    # seconds: the training's total over every call that advanced it (from the checkpointed history)
+    return {"epochs_done": len(history), "complete": complete, "seconds": sum(h["seconds"] for h in history),
+            "call_seconds": time.perf_counter() - t0, "history": history}
 
 
 @torch.no_grad()

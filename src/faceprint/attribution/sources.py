@@ -23,7 +23,8 @@ Splits "train", "cal" (held out to calibrate the open-set threshold) and "test":
 faces of each split come from their own seed (derived from the run seed, the source's
 ``stream`` and the split), so test seeds are disjoint from training seeds; real photos of the
 three splits are disjoint ranges of files (``first``, ``spans``), disjoint from the models'
-training photos when the caller places them so.
+training photos when the caller places them so. Two specs with equal keys (whatever their
+names) are the same source and share their cached faces.
 
 :class:`SourceCache` writes the faces as uint8 safetensors chunks of 250 under a folder
 outside the repository (they hold real photos or faces made from them: never commit them);
@@ -222,7 +223,8 @@ class SourceCache:
         return x
 
     def _model_chunk(self, spec: SourceSpec, split: str, start: int, stop: int) -> torch.Tensor:
-        seed = derive_seed(self.seed, "attribution", spec.stream or spec.name, split) % 2**62
+        # the faces depend on what the source is (its key, which holds ``stream``), never on its name
+        seed = derive_seed(self.seed, "attribution", json.dumps(spec.key(), sort_keys=True), split) % 2**62
         model = self.model(spec)
         n = stop - start
         if spec.kind in ("lrgmm-nn", "lrgmm", "nn", "gaussian"):
@@ -240,8 +242,7 @@ class SourceCache:
             return _to_u8(self.ae.decode(z))
 
     def _path(self, spec: SourceSpec, split: str, chunk: int) -> Path:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec.name)
-        return self.root / f"{safe}-{spec.digest()}" / f"{split}-{chunk:05d}.safetensors"
+        return self.root / f"{spec.kind}-{spec.digest()}" / f"{split}-{chunk:05d}.safetensors"
 
     def images(self, spec: SourceSpec, split: str, n: int) -> torch.Tensor:
         """uint8 (n, 3, 128, 128): images 0 .. n-1 of a source's split, made once and cached."""
