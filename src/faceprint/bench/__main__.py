@@ -23,6 +23,7 @@ BENCHES = {
     "gan": "latent GAN (papers/004 Ch. 2): dual contrastive loss, G self-attention, D reference attention vs LR-GMM",
     "rewrite": "rewrite a model's rules from 1-3 edited faces (papers/001): success, preservation, projector table",
     "personalize": "new faces of one person from one photo with attribute prompts (papers/003): identity x prompt",
+    "attribute": "learned attribution to the source model without a fingerprint (papers/004 Ch. 4): setups, baselines, immunisation, open set",
 }
 MODULES = {"scale-out": "scale_out"}  # bench names that are not module names
 

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTENSIONS = ("evaluate", "protect", "control", "serve", "train_gan", "mix", "rewrite", "personalize")
+EXTENSIONS = ("evaluate", "protect", "control", "serve", "train_gan", "mix", "rewrite", "personalize", "attribute")
 
 
 # ---------------------------------------------------------------------------- commands
