@@ -315,3 +315,26 @@ def test_bench_attribution_crops_option_parses_and_refuses():
             _crops(bad)
     with pytest.raises(ConfigError, match="crops must start with 1.0"):
         BaseIndex(torch.zeros(2, 4, 4, 4), None, OwnerSecret(), crops=(0.9,))
+
+
+def test_pixel_weighting_is_inverse_energy_floored_and_keeps_empty_cells_empty():
+    from faceprint.errors import ConfigError
+    from faceprint.fingerprint.keyed import BaseIndex
+
+    idx = BaseIndex(torch.zeros(2, 4, 4, 4), None, OwnerSecret(), weight_floor=0.1)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 8, 4, 4, generator=g)
+    v = v / v.pow(2).mean(1, keepdim=True).sqrt()  # every pixel's energy exactly 1
+    assert torch.allclose(idx._weighted(v), v, atol=1e-5)  # equal energies: the residual is unchanged
+    w = v.clone()
+    w[0, :, 0, 0] *= 10  # a noisy pixel is divided by its energy 100 ...
+    w[0, :, 1, 1] *= 1e-3  # ... a nearly empty one by the floor (0.1 x the median energy), not by 1e-6
+    w[1, :, 2:] = 0  # cells outside an undone crop stay exactly zero and do not move the median
+    out = idx._weighted(w)
+    assert torch.allclose(out[0, :, 0, 0], w[0, :, 0, 0] / 100, rtol=1e-4)
+    assert torch.allclose(out[0, :, 1, 1], w[0, :, 1, 1] / 0.1, rtol=1e-4)
+    assert torch.equal(out[1, :, 2:], torch.zeros_like(out[1, :, 2:]))
+    assert torch.allclose(out[1, :, :2], w[1, :, :2], atol=1e-5)
+    for bad in ({"weighting": "sqrt"}, {"weight_floor": 0}, {"weight_floor": 2.0}, {"weight_floor": True}):
+        with pytest.raises(ConfigError, match="weight"):
+            BaseIndex(torch.zeros(2, 4, 4, 4), None, OwnerSecret(), **bad)

@@ -106,6 +106,9 @@ def add_arguments(p) -> None:
     p.add_argument("--crops", type=_crops, default=None, metavar="F,F,...",
                    help="keyed-bank: centre-crop fractions the read-out tries, the first 1 (default: the verifier's, "
                         "1,0.93,0.86,0.8; '1' reads the full frame only, as runs before the crop search did)")
+    p.add_argument("--weighting", choices=("pixel", "none"), default=None,
+                   help="keyed-bank: per-pixel weighting of the residual (default: the verifier's, pixel; 'none' as "
+                        "runs before it)")
     p.add_argument("--mechanism", choices=("keyed-bank", "datalevel-bank"), default="keyed-bank",
                    help="the fingerprint measured (default keyed-bank, what `fingerprint issue` makes; datalevel-bank: "
                         "the shared-key lattice mechanism with its calibration and step table)")
@@ -756,7 +759,8 @@ def _keyed_settings(args) -> dict:
     return {"seed": args.seed, "train": args.train, "instances": args.instances, "faces": args.faces,
             "attack_faces": args.attack_faces, "test_photos": args.test_photos, "test_faces": args.test_faces,
             "fid_n": args.fid_n, "fid_reference": args.fid_reference, "target_fpr": args.target_fpr,
-            "batch": args.batch, "attacks": [[c, a, s] for c, a, s in ATTACK_COLUMNS], "crops": list(args.crops)}
+            "batch": args.batch, "attacks": [[c, a, s] for c, a, s in ATTACK_COLUMNS], "crops": list(args.crops),
+            "weighting": args.weighting}
 
 
 def _run_keyed(args) -> int:
@@ -801,12 +805,17 @@ def _run_keyed(args) -> int:
         from ..fingerprint.keyed import DEFAULT_CROPS
 
         args.crops = DEFAULT_CROPS
+    if args.weighting is None:
+        from ..fingerprint.keyed import DEFAULT_WEIGHTING
+
+        args.weighting = DEFAULT_WEIGHTING
     work = args.out / KEYED_PARTS
     settings = _keyed_settings(args)
     sig_path = work / "settings.json"
     if args.resume and sig_path.is_file():
         old = json.loads(sig_path.read_text())
         old.setdefault("crops", [1.0])  # runs from before the crop search read the full frame only
+        old.setdefault("weighting", "none")  # and without the per-pixel weighting
         if old != json.loads(json.dumps(settings)):
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
             print(f"--resume: the run in {work} used other settings ({', '.join(diff)}); rerun with them, or without "
@@ -850,6 +859,7 @@ def _run_keyed(args) -> int:
                 f"{args.test_faces} unfingerprinted faces",
         "read-out crops": "full frame only" if tuple(args.crops) == (1.0,) else
                           "centre crops tried: " + ", ".join(f"{f:g}" for f in args.crops),
+        "read-out weighting": {"pixel": "per-pixel inverse energy (floored)", "none": "none"}[args.weighting],
         "FID": f"{args.fid_n} faces per model vs celeba-10k {REF_FIRST:06d}-{REF_FIRST + args.fid_reference - 1:06d}"
                if args.fid_n else "skipped"})
     T("Machine and settings", ["item", "value"], [[k, v] for k, v in info.items()])
@@ -877,7 +887,8 @@ def _run_keyed(args) -> int:
     with owner.open_registry(create=False) as reg:
         entries = sorted((e for e in reg.all() if e.mechanism == KEYED_MECHANISM), key=lambda e: e.instance)
     entries = entries[: args.instances]
-    verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr, crops=tuple(args.crops))
+    verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr, crops=tuple(args.crops),
+                             weighting=args.weighting)
     secret = verifier.secret
     (index, group), = verifier.groups
     codes = [e.code for e in group]

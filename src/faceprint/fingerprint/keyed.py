@@ -422,6 +422,11 @@ DEFAULT_EDITS = ("none", "blur5", "half")
 #: centre-crop fractions tried on every image (see BaseIndex); 1.0, the full frame, first
 DEFAULT_CROPS = (1.0, 0.93, 0.86, 0.8)
 
+#: per-pixel weighting of the residual (see BaseIndex)
+WEIGHTINGS = ("pixel", "none")
+DEFAULT_WEIGHTING = "pixel"
+DEFAULT_WEIGHT_FLOOR = 0.1
+
 
 def apply_edit(images: torch.Tensor, edit: str) -> torch.Tensor:
     """One named edit of images (n, 3, H, W) in [0, 1]: "none", "jpegQ" (JPEG at quality Q),
@@ -457,10 +462,24 @@ class BaseIndex:
     the central cells every hypothesis covers, is read, with the residual zeroed outside the
     covered cells. The choice again sees only the image and the base bank, so the null stays
     N(0, 1). Cost: one more encode per extra hypothesis. ``crops=(1.0,)`` reads the full frame
-    only."""
+    only.
+
+    Weighting. The residual of a latent pixel is the mark plus whatever the image went through
+    (JPEG, noise, a poor match), and that noise varies a lot from pixel to pixel. With
+    ``weighting="pixel"`` each pixel's residual is divided by its own energy (mean square over
+    the carrier directions, floored at ``weight_floor`` x the image's median energy so that a
+    few nearly empty pixels cannot take over): an inverse-variance weight. It is computed from
+    the residual alone, never from a pattern, so an innocent code's score stays exactly N(0, 1).
+    ``weighting="none"`` reads the clipped residual as it is."""
 
     def __init__(self, bank: torch.Tensor, autoencoder, secret: OwnerSecret, *, edits: tuple[str, ...] = DEFAULT_EDITS,
-                 crops: tuple[float, ...] = DEFAULT_CROPS):
+                 crops: tuple[float, ...] = DEFAULT_CROPS, weighting: str = DEFAULT_WEIGHTING,
+                 weight_floor: float = DEFAULT_WEIGHT_FLOOR):
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if isinstance(weight_floor, bool) or not isinstance(weight_floor, (int, float)) or not 0 < weight_floor <= 1:
+            raise ConfigError(f"weight_floor must be a number in (0, 1], got {weight_floor!r}; e.g. {DEFAULT_WEIGHT_FLOOR}")
+        self.weighting, self.weight_floor = weighting, float(weight_floor)
         if not edits or "none" not in edits:
             raise ConfigError(f"edits must include 'none', got {edits!r}")
         crops = tuple(float(f) for f in crops)
@@ -543,6 +562,16 @@ class BaseIndex:
                 edits[i], crops[i] = r.edit[j], f
         return Residuals(out_v, out_rows, out_d, edits, crops)
 
+    def _weighted(self, v: torch.Tensor) -> torch.Tensor:
+        """v (n, m, h, w) divided per pixel by its energy, floored per image (see the class docstring)."""
+        e = v.pow(2).mean(1, keepdim=True)  # (n, 1, h, w)
+        floors = []
+        for i in range(len(e)):
+            live = e[i][e[i] > 0]  # cells outside an undone crop are exactly zero
+            floors.append(self.weight_floor * live.median() if live.numel() else e.new_ones(()))
+        floor = torch.stack(floors).view(-1, 1, 1, 1).clamp_min(1e-12)
+        return v / torch.maximum(e, floor)
+
     @torch.no_grad()
     def residuals_of_latents(self, latents: torch.Tensor, batch: int = 64, images: torch.Tensor | None = None,
                              *, matched: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -593,6 +622,8 @@ class BaseIndex:
                 v = v * cm.unsqueeze(1)
                 ds.append((dist * cm).sum((1, 2)) / cm.sum((1, 2)).clamp_min(1))
             v = v * (clip * med / pn.clamp_min(1e-12)).clamp(max=1.0)
+            if self.weighting == "pixel":
+                v = self._weighted(v)
             vs.append(v)
             rs.append(rows)
         return Residuals(torch.cat(vs), torch.cat(rs), torch.cat(ds), es,

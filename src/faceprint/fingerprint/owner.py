@@ -375,9 +375,10 @@ class KeyedVerifier:
     ``calibrate``)."""
 
     def __init__(self, owner: Owner, entries, autoencoder, *, target_fpr: float | None = None,
-                 crops: tuple[float, ...] | None = None):
+                 crops: tuple[float, ...] | None = None, weighting: str | None = None):
         from ..latent.generator import Generator
-        from .keyed import DEFAULT_CROPS, DEFAULT_TARGET_FPR, BaseIndex, normal_tail, sidak, threshold_for
+        from .keyed import (DEFAULT_CROPS, DEFAULT_TARGET_FPR, DEFAULT_WEIGHTING, BaseIndex, normal_tail, sidak,
+                            threshold_for)
 
         if target_fpr is None:
             target_fpr = DEFAULT_TARGET_FPR
@@ -399,7 +400,8 @@ class KeyedVerifier:
                                  f"from {str(path.parent)!r}: restore the owner folder from its backup")
             base = Generator.load(path, autoencoder=autoencoder)
             self.groups.append((BaseIndex(base.bank_, autoencoder, self.secret,
-                                          crops=DEFAULT_CROPS if crops is None else crops), group))
+                                          crops=DEFAULT_CROPS if crops is None else crops,
+                                          weighting=DEFAULT_WEIGHTING if weighting is None else weighting), group))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, *, batch: int = 64) -> list[KeyedVerdict]:
