@@ -237,7 +237,7 @@ def train_network(net: AttributionNet, images: torch.Tensor, labels: torch.Tenso
                 continue
             x = as_float(images[idx])
             if attack is not None:
-                x = attack(x, g)
+                x = (attack(x, g).clamp(0, 1) * 255).round() / 255  # as a saved 8-bit file would be
             x = random_crops(x, cfg.crop, cfg.crop_align, g)
             y = labels[idx]
             logits = net(x)

@@ -204,8 +204,10 @@ def train_classifier(args, ae, name: str, data: Data, epochs: int, net_config=No
     att = Attributor(data.names, ae.id, net_config or NetConfig())
     cfg = TrainConfig(epochs=epochs, max_seconds=_remaining(args))
     x, y = data.train
-    att.fit(x, y, cfg, seed=args.seed, checkpoint=args.out / "classifiers" / f"ckpt-{tag or name}.safetensors",
-            tag=tag or name, progress=_log)
+    tag = tag or name
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in tag)
+    att.fit(x, y, cfg, seed=args.seed, checkpoint=args.out / "classifiers" / f"ckpt-{safe}.safetensors",
+            tag=tag, progress=_log)
     if not att.training_["complete"]:
         raise _Budget(f"training {name} (epoch {att.training_['epochs_done']})")
     return att
@@ -220,11 +222,11 @@ def _acc(pred, y) -> float:
 def learned_rows(att, data: Data, seed: int) -> dict:
     from ..attribution.evaluation import confusion, fd_ratio
 
-    x, y = data.test
-    probs, pred, _ = att.scores(x)
     from ..attribution import predict
 
-    _, feats = predict(att.net, x)
+    x, y = data.test
+    probs, feats = predict(att.net, x)
+    pred = probs.argmax(1)
     k = len(data.names)
     per = {n: _acc(pred[y == c], y[y == c]) for c, n in enumerate(data.names)}
     return {"accuracy": _acc(pred, y), "per_source": per, "confusion": confusion(pred, y, k),
@@ -298,9 +300,16 @@ def baseline_rows(args, prof, cache, ae, data: Data, *, provenance: bool, skip: 
     return out
 
 
+def _pk(prof, *keep) -> dict:
+    """The profile entries a stage depends on (so changing another one does not redo it)."""
+    base = ("train", "cal", "test", "epochs")
+    return {k: prof[k] for k in base + keep}
+
+
 def run_setup(args, prof, cache, ae, name: str, specs, *, provenance: bool, skip: set, baselines: bool = True) -> dict:
-    key = {"setup": name, "sources": [s.key() for s in specs], "names": [s.name for s in specs], "prof": prof,
-           "seed": args.seed, "skip": sorted(skip)}
+    key = {"setup": name, "sources": [s.key() for s in specs], "names": [s.name for s in specs],
+           "prof": _pk(prof, "baseline_train", "inception_train", "inception_test", "provenance_train",
+                       "provenance_test"), "seed": args.seed, "skip": sorted(skip)}
 
     def work():
         t0 = time.perf_counter()
@@ -373,7 +382,7 @@ def _attacked(x: torch.Tensor, attack, seed: int, key: str) -> torch.Tensor:
 
 
 def immunisation(args, prof, cache, ae, specs, skip) -> dict:
-    key = {"sources": [s.key() for s in specs], "prof": prof, "seed": args.seed}
+    key = {"sources": [s.key() for s in specs], "prof": _pk(prof, "immunise_epochs", "baseline_train"), "seed": args.seed}
 
     def work():
         from ..attribution import Attributor, TrainConfig
@@ -421,7 +430,8 @@ def components(args, prof, cache, ae, specs) -> dict:
 
     variants = [NetConfig()] + [NetConfig(band=b, factor=f) for f in prof["factors"] for b in ("low", "high")] + [
         NetConfig(pool_after=k) for k in prof["pools"]]
-    key = {"sources": [s.key() for s in specs], "prof": prof, "seed": args.seed}
+    key = {"sources": [s.key() for s in specs], "prof": _pk(prof, "component_epochs", "factors", "pools"),
+           "seed": args.seed}
 
     def work():
         data = Data(cache, specs, prof)
@@ -447,7 +457,7 @@ def open_set(args, prof, cache, ae, specs, roles) -> dict:
         raise SystemExit(f"--held-out {args.held_out!r} is not a setup A source: {[s.name for s in specs]}")
     known = [s for s in specs if s.name != args.held_out]
     unseen = held + roles["unseen"]
-    key = {"known": [s.key() for s in known], "unseen": [s.key() for s in unseen], "prof": prof, "seed": args.seed}
+    key = {"known": [s.key() for s in known], "unseen": [s.key() for s in unseen], "prof": _pk(prof), "seed": args.seed}
 
     def work():
         data = Data(cache, known, prof)
@@ -483,8 +493,10 @@ def shipped_classifier(args, prof, cache, ae, specs, roles, results) -> dict:
     """A-rt's classifier, calibrated, with its measured error rates, written to OUT."""
     from ..attribution.evaluation import rate_with_bound
 
-    key = {"sources": [s.key() for s in specs], "prof": prof, "seed": args.seed,
-           "score": (results.get("openset") or {}).get("chosen_score", "centroid")}
+    key = {"sources": [s.key() for s in specs], "prof": _pk(prof), "seed": args.seed,
+           "score": (results.get("openset") or {}).get("chosen_score", "centroid"),
+           "unseen": [s.key() for s in roles["unseen"] + roles["extra"]], "openset": results.get("openset"),
+           "immunise": results.get("immunise")}
 
     def work():
         data = Data(cache, specs, prof)
