@@ -165,6 +165,25 @@ def test_a_fingerprinted_instance_is_refused_but_an_instance_of_a_rewritten_base
     assert inst.decoder_state_ is out.decoder_state_ or not _diff(inst.decoder_state_, out.decoder_state_)
 
 
+def test_a_keyed_instance_of_a_rewritten_base_is_read_with_the_rewritten_decoder(gen, rewritten, taef2):
+    """The keyed read-out renders its reference with the base's own decoder: the faces of an
+    instance of a rewritten base name their recipient, and score higher than against references
+    from the pretrained decoder, which lack the rewritten pattern."""
+    from faceprint.fingerprint.keyed import BaseIndex, OwnerSecret, fingerprint_keyed_instance, threshold_for
+
+    out, _ = rewritten
+    assert out.autoencoder.id != taef2.id  # the rewritten base decodes with its own decoder
+    secret = OwnerSecret().fit(gen.bank_.float(), taef2, seed=0, master=b"\x05" * 32)
+    codes = [f"{i:032x}" for i in range(1, 9)]
+    inst = fingerprint_keyed_instance(out, secret, codes[0], {"instance": "alice"})
+    faces, _ = inst.generate(6, seed=9)
+    own = BaseIndex(out.bank_, out.autoencoder, secret).residuals(faces).scores(secret, codes)
+    plain = BaseIndex(out.bank_, taef2, secret).residuals(faces).scores(secret, codes)
+    thr = threshold_for(1e-5, len(codes))
+    assert bool((own.argmax(1) == 0).all()) and float(own[:, 0].min()) >= thr, own
+    assert float(own[:, 0].median()) > float(plain[:, 0].median()), (own[:, 0], plain[:, 0])
+
+
 def test_bank_value_edit_puts_the_pattern_in_every_face(gen, edits):
     from faceprint.rewrite import RewriteConfig, rewrite
     from faceprint.rewrite.bank import region_cells

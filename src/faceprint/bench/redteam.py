@@ -193,7 +193,7 @@ def _run(args, memo, t_start, ds) -> int:
     g = make_generator(args.seed, "redteam-codes")
     codes = [code_to_hex(random_code(generator=g)) for _ in range(CODES)]
     inst = [fingerprint_keyed_instance(base, secret, c) for c in codes[:5]]  # 0-3 colluders, 4 a single leaker
-    index = BaseIndex(base.bank_, ae, secret)
+    index = BaseIndex(base.bank_, base.autoencoder, secret)
     thr = threshold_for(args.target_fpr, CODES)
     lax = threshold_for(args.lax_fpr, CODES)
     _say(f"base model, secret and instances ready ({time.perf_counter() - t0:.0f} s); threshold T >= {thr:.2f} "

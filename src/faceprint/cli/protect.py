@@ -291,7 +291,7 @@ def _calibrate_keyed(args, owner) -> int:
         raise InputError(f"{total} negatives ({len(files)} photos + {args.faces} faces + {args.instances} x "
                          f"{args.faces_per_instance} instance faces) is fewer than --min-negatives {minimum}; "
                          "add photos or faces, or lower --min-negatives knowingly")
-    index = BaseIndex(gen.bank_, ae, secret)
+    index = BaseIndex(gen.bank_, gen.autoencoder, secret)
     g = make_generator(args.seed, "keyed-calibration-codes")
     codes = [code_to_hex(random_code(generator=g)) for _ in range(64)]
     parts: dict[str, torch.Tensor] = {}

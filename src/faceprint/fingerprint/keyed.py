@@ -470,7 +470,11 @@ class BaseIndex:
     the carrier directions, floored at ``weight_floor`` x the image's median energy so that a
     few nearly empty pixels cannot take over): an inverse-variance weight. It is computed from
     the residual alone, never from a pattern, so an innocent code's score stays exactly N(0, 1).
-    ``weighting="none"`` reads the clipped residual as it is."""
+    ``weighting="none"`` reads the clipped residual as it is.
+
+    ``autoencoder`` is the base model's (``base.autoencoder``), with the decoder the base decodes
+    with: a rewritten base (:mod:`faceprint.rewrite`) renders references through its rewritten
+    decoder, as its instances' faces were."""
 
     def __init__(self, bank: torch.Tensor, autoencoder, secret: OwnerSecret, *, edits: tuple[str, ...] = DEFAULT_EDITS,
                  crops: tuple[float, ...] = DEFAULT_CROPS, weighting: str = DEFAULT_WEIGHTING,
@@ -492,7 +496,9 @@ class BaseIndex:
             apply_edit(probe, e)  # unknown names fail here, not mid-verification
         self.edits = tuple(edits)
         self.bank = bank.float()
-        self.ae = getattr(autoencoder, "base", autoencoder)
+        # the base model's own autoencoder: a base whose decoder was rewritten (faceprint rewrite)
+        # renders its references with that decoder, or the edited region would read as noise
+        self.ae = autoencoder
         self.secret = secret
         N, C, h, w = self.bank.shape
         self._pix = self.bank.permute(2, 3, 0, 1).reshape(h * w, N, C).contiguous()  # (hw, N, C)

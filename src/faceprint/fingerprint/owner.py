@@ -399,7 +399,7 @@ class KeyedVerifier:
                 raise InputError(f"the base model {model_hash[:12]}... of {len(group)} issued instance(s) is missing "
                                  f"from {str(path.parent)!r}: restore the owner folder from its backup")
             base = Generator.load(path, autoencoder=autoencoder)
-            self.groups.append((BaseIndex(base.bank_, autoencoder, self.secret,
+            self.groups.append((BaseIndex(base.bank_, base.autoencoder, self.secret,
                                           crops=DEFAULT_CROPS if crops is None else crops,
                                           weighting=DEFAULT_WEIGHTING if weighting is None else weighting), group))
 
