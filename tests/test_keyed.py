@@ -338,3 +338,40 @@ def test_pixel_weighting_is_inverse_energy_floored_and_keeps_empty_cells_empty()
     for bad in ({"weighting": "sqrt"}, {"weight_floor": 0}, {"weight_floor": 2.0}, {"weight_floor": True}):
         with pytest.raises(ConfigError, match="weight"):
             BaseIndex(torch.zeros(2, 4, 4, 4), None, OwnerSecret(), **bad)
+
+
+def test_noisy_faces_are_read_through_a_blur_and_clean_ones_as_they_are(keyed_owner, celeba_dir):
+    """The pre-filter is chosen by how close the image's latents lie to the base bank: clean faces
+    stay unfiltered, faces with strong noise are read through a blur and score higher for it,
+    and real photos, whatever filter they get, still score like N(0, 1) noise."""
+    from faceprint.autoencoder import TAEF2
+    from faceprint.data.folder import load_image
+    from faceprint.fingerprint.attacks import gaussian_noise
+    from faceprint.fingerprint.keyed import BaseIndex
+    from faceprint.fingerprint.owner import Owner
+    from faceprint.latent.generator import Generator
+
+    root, m, _ = keyed_owner
+    ae = TAEF2.load()
+    owner = Owner(root / "owner")
+    with owner.open_registry(create=False) as reg:
+        alice = next(e for e in reg.all() if e.instance == "alice")
+    secret = owner.load_secret()
+    base = Generator.load(m, autoencoder=ae)
+    x = torch.stack([load_image(f, 128) for f in sorted((root / "alice").glob("face_*.png"))])
+    noisy = gaussian_noise(x, 0.05, generator=torch.Generator().manual_seed(0))
+    idx = BaseIndex(base.bank_, ae, secret, crops=(1.0,))
+    plain = BaseIndex(base.bank_, ae, secret, crops=(1.0,), prefilters=("none",))
+    assert idx.residuals(x).prefilter == ["none"] * len(x)
+    rn = idx.residuals(noisy)
+    assert all(p != "none" for p in rn.prefilter), rn.prefilter
+    filt = rn.scores(secret, [alice.code])[:, 0]
+    raw = plain.residuals(noisy).scores(secret, [alice.code])[:, 0]
+    assert float(filt.median()) > 1.3 * float(raw.median()), (filt, raw)
+    real = torch.stack([load_image(p, 128) for p in sorted(celeba_dir.iterdir())[600:624]])
+    real = torch.cat([real, gaussian_noise(real, 0.05, generator=torch.Generator().manual_seed(1))])
+    s = idx.residuals(real).scores(secret, [f"{i:032x}" for i in range(40)])
+    assert abs(float(s.mean())) < 0.15 and 0.85 < float(s.std()) < 1.15
+    for bad in (("blur3",), ("none", "none"), ("none", "sharpen")):
+        with pytest.raises(Exception, match="prefilters must start|unknown edit"):
+            BaseIndex(base.bank_, ae, secret, prefilters=bad)

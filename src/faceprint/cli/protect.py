@@ -388,7 +388,8 @@ def _verify_keyed(args, entries) -> int:
         verdicts = keyed_verdicts_of_files(files, verifier, client=client, bar=not getattr(args, "quiet", False))
     for f, v in zip(files, verdicts):
         how = ([f"an edited image: {v.edit}"] if v.edit != "none" else []) + \
-            ([f"a centre crop of {v.crop:.0%} of the side"] if v.crop < 1 else [])
+            ([f"a centre crop of {v.crop:.0%} of the side"] if v.crop < 1 else []) + \
+            ([f"through a light {v.prefilter} denoising filter"] if v.prefilter != "none" else [])
         edited = f" [read as {'; '.join(how)}]" if v.match and how else ""
         if args.json:
             print(json.dumps({"image": str(f), **asdict(v)}), flush=True)

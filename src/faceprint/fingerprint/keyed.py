@@ -390,6 +390,7 @@ class Residuals:
     match_distance: torch.Tensor  # (n,) mean distance of each latent pixel to its matched row
     edit: list[str] | None = None  # per image, the edit hypothesis the reference was rendered with
     crop: list[float] | None = None  # per image, the centre-crop fraction it was read as (1.0: uncropped)
+    prefilter: list[str] | None = None  # per image, the filter it was read through ("none": as it is)
 
     def scores(self, secret: OwnerSecret, codes: list[str], *, chunk_rows: int = 4096,
                patterns: "CodePatterns | None" = None) -> torch.Tensor:
@@ -421,6 +422,9 @@ DEFAULT_EDITS = ("none", "blur5", "half")
 
 #: centre-crop fractions tried on every image (see BaseIndex); 1.0, the full frame, first
 DEFAULT_CROPS = (1.0, 0.93, 0.86, 0.8)
+
+#: filters an image may be read through, tried on every image (see BaseIndex); "none" first
+DEFAULT_PREFILTERS = ("none", "blur3", "blur5")
 
 #: per-pixel weighting of the residual (see BaseIndex)
 WEIGHTINGS = ("pixel", "none")
@@ -472,13 +476,22 @@ class BaseIndex:
     the residual alone, never from a pattern, so an innocent code's score stays exactly N(0, 1).
     ``weighting="none"`` reads the clipped residual as it is.
 
+    Pre-filters. Noise and JPEG blocks reach the latents as noise that drowns the mark; a
+    light blur removes more of that than of the mark (the mark survives blur k5 with its
+    score at 70%). Each of ``prefilters`` is applied to the image, the result encoded and
+    matched, and the one whose latent pixels lie closest to their matched base rows is read,
+    with the same filter applied to the reference. Clean, blurred and resized faces keep
+    "none"; noisy and recompressed ones take a blur. The choice sees only the image and the
+    base bank, so the null stays N(0, 1). Cost: one encode per extra filter.
+    ``prefilters=("none",)`` reads images as they are.
+
     ``autoencoder`` is the base model's (``base.autoencoder``), with the decoder the base decodes
     with: a rewritten base (:mod:`faceprint.rewrite`) renders references through its rewritten
     decoder, as its instances' faces were."""
 
     def __init__(self, bank: torch.Tensor, autoencoder, secret: OwnerSecret, *, edits: tuple[str, ...] = DEFAULT_EDITS,
                  crops: tuple[float, ...] = DEFAULT_CROPS, weighting: str = DEFAULT_WEIGHTING,
-                 weight_floor: float = DEFAULT_WEIGHT_FLOOR):
+                 weight_floor: float = DEFAULT_WEIGHT_FLOOR, prefilters: tuple[str, ...] = DEFAULT_PREFILTERS):
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if isinstance(weight_floor, bool) or not isinstance(weight_floor, (int, float)) or not 0 < weight_floor <= 1:
@@ -491,10 +504,15 @@ class BaseIndex:
             raise ConfigError(f"crops must start with 1.0 (the full frame) and hold distinct fractions in [0.5, 1], "
                               f"got {crops!r}; e.g. {DEFAULT_CROPS}")
         self.crops = crops
+        prefilters = tuple(prefilters)
+        if not prefilters or prefilters[0] != "none" or len(set(prefilters)) != len(prefilters):
+            raise ConfigError(f"prefilters must start with 'none' and be distinct, got {prefilters!r}; "
+                              f"e.g. {DEFAULT_PREFILTERS}")
         probe = torch.full((1, 3, 16, 16), 0.5)
-        for e in edits:
+        for e in (*edits, *prefilters):
             apply_edit(probe, e)  # unknown names fail here, not mid-verification
         self.edits = tuple(edits)
+        self.prefilters = prefilters
         self.bank = bank.float()
         # the base model's own autoencoder: a base whose decoder was rewritten (faceprint rewrite)
         # renders its references with that decoder, or the edited region would read as noise
@@ -527,25 +545,55 @@ class BaseIndex:
             x = images[s:s + batch].float().clamp(0, 1)
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-            if self.crops == (1.0,):
-                parts.append(self.residuals_of_latents(self.ae.encode(x), batch=batch, images=x))
-            else:
-                parts.append(self._searched(x))
+            parts.append(self._filtered(x))
         return Residuals(torch.cat([p.v for p in parts]), torch.cat([p.rows for p in parts]),
                          torch.cat([p.match_distance for p in parts]), [e for p in parts for e in (p.edit or [])],
-                         [c for p in parts for c in (p.crop or [1.0] * len(p.v))])
+                         [c for p in parts for c in (p.crop or [1.0] * len(p.v))],
+                         [f for p in parts for f in (p.prefilter or ["none"] * len(p.v))])
 
-    def _searched(self, x: torch.Tensor) -> Residuals:
-        """Residuals of images x (n, 3, H, W) at the model's size, each read under the crop
-        hypothesis its latents match best (see the class docstring)."""
+    def _filtered(self, x: torch.Tensor) -> Residuals:
+        """Residuals of images x at the model's size, each read through the pre-filter whose
+        latents lie closest to the base bank (see the class docstring), then crop-searched."""
+        n = x.shape[0]
+        hyps = []
+        for pf in self.prefilters:
+            y = x if pf == "none" else _q8(apply_edit(x, pf))
+            z = self.ae.encode(y)
+            rows, dist = self.match(z)
+            hyps.append((pf, y, z, rows, dist))
+        pick = torch.stack([d.flatten(1).mean(1) for *_, d in hyps]).argmin(0)  # ties: the first, "none"
+        out = [None] * n
+        for k, (pf, y, z, rows, dist) in enumerate(hyps):
+            sel = (pick == k).nonzero().flatten()
+            if not len(sel):
+                continue
+            first = (z[sel], rows[sel], dist[sel])
+            if self.crops == (1.0,):
+                r = self.residuals_of_latents(first[0], images=y[sel], matched=first[1:], prefilter=pf)
+            else:
+                r = self._searched(y[sel], prefilter=pf, first=first)
+            for j, i in enumerate(sel.tolist()):
+                out[i] = (r, j, pf)
+        return Residuals(torch.stack([r.v[j] for r, j, _ in out]), torch.stack([r.rows[j] for r, j, _ in out]),
+                         torch.stack([r.match_distance[j] for r, j, _ in out]), [r.edit[j] for r, j, _ in out],
+                         [(r.crop or [1.0] * len(r.v))[j] for r, j, _ in out], [pf for *_, pf in out])
+
+    def _searched(self, x: torch.Tensor, *, prefilter: str = "none",
+                  first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Residuals:
+        """Residuals of images x (n, 3, H, W) at the model's size (already through ``prefilter``),
+        each read under the crop hypothesis its latents match best (see the class docstring).
+        ``first``: the full frame's latents, rows and distances when already computed."""
         from .attacks import uncrop
 
         n = x.shape[0]
         hyps = []
         for f in self.crops:
             y, pmask = uncrop(x, f)
-            z = self.ae.encode(y)
-            rows, dist = self.match(z)
+            if f == 1.0 and first is not None:
+                z, rows, dist = first
+            else:
+                z = self.ae.encode(y)
+                rows, dist = self.match(z)
             cells = F.avg_pool2d(pmask, 8)[:, 0] > 0.999  # latent cells wholly inside the covered part
             hyps.append((f, y, pmask, z, rows, dist, cells))
         common = hyps[int(torch.tensor(self.crops).argmin())][6].float()  # covered by every hypothesis
@@ -558,7 +606,7 @@ class BaseIndex:
             if not len(sel):
                 continue
             r = self.residuals_of_latents(z[sel], images=y[sel], matched=(rows[sel], dist[sel]),
-                                          masks=(pmask[sel], cells[sel]) if f < 1 else None)
+                                          masks=(pmask[sel], cells[sel]) if f < 1 else None, prefilter=prefilter)
             if out_v is None:
                 out_v = r.v.new_zeros(n, *r.v.shape[1:])
                 out_rows = r.rows.new_zeros(n, *r.rows.shape[1:])
@@ -581,13 +629,16 @@ class BaseIndex:
     @torch.no_grad()
     def residuals_of_latents(self, latents: torch.Tensor, batch: int = 64, images: torch.Tensor | None = None,
                              *, matched: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Residuals:
+                             masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             prefilter: str = "none") -> Residuals:
         """The same from TAEF2 latents of images (N, C, h, w) (e.g. a latent cache's), with the
         images themselves at the model's size when at hand (the edit is chosen on them; without
         them, on the latents decoded, one decode more). ``matched``: the rows and distances of
         :meth:`match` when already computed. ``masks``: (pixels (N, 1, H, W), latent cells
         (N, h, w) bool) of the part of each image that holds it (an undone crop): the edit is
-        chosen on those pixels and the residual is zero outside those cells."""
+        chosen on those pixels and the residual is zero outside those cells. ``prefilter``: the
+        filter the images went through before encoding; each candidate reference goes through
+        it too."""
         from ..latent.refine import gather
 
         if images is not None and images.shape[0] != latents.shape[0]:
@@ -600,11 +651,12 @@ class BaseIndex:
             rows, dist = self.match(z) if matched is None else (matched[0][s:s + batch], matched[1][s:s + batch])
             pm, cm = (None, None) if masks is None else (masks[0][s:s + batch], masks[1][s:s + batch])
             img = _q8(self.ae.decode(gather(self.bank, rows)))
-            ref_img = img
+            ref_img = img if prefilter == "none" else _q8(apply_edit(img, prefilter))
             if len(self.edits) > 1:
                 # the edit whose result is closest to the image, in pixels (cheap: one encode in all)
                 x = images[s:s + batch].float() if images is not None else self.ae.decode(z).clamp(0, 1)
-                cands = torch.stack([_q8(apply_edit(img, e)) for e in self.edits])  # (E, n, 3, H, W)
+                cands = torch.stack([_q8(apply_edit(_q8(apply_edit(img, e)), prefilter)) if prefilter != "none"
+                                     else _q8(apply_edit(img, e)) for e in self.edits])  # (E, n, 3, H, W)
                 if pm is None:
                     err = (cands - x.unsqueeze(0)).pow(2).mean((2, 3, 4))  # (E, n)
                 else:

@@ -359,6 +359,7 @@ class KeyedVerdict:
     match_distance: float  # mean latent distance of the image's pixels to the base rows they matched
     edit: str = "none"  # the edit the reference was given to match the image (BaseIndex: blur, resize)
     crop: float = 1.0  # the centre-crop fraction the image was read as (BaseIndex; 1.0: the full frame)
+    prefilter: str = "none"  # the filter the image was read through (BaseIndex; "none": as it is)
 
 
 class KeyedVerifier:
@@ -413,6 +414,7 @@ class KeyedVerifier:
         dist = torch.zeros(n)
         edit = ["none"] * n
         crop = [1.0] * n
+        pref = ["none"] * n
         for index, group in self.groups:
             res = index.residuals(images, batch=batch)
             sc = res.scores(self.secret, [e.code for e in group])  # (n, k)
@@ -424,6 +426,7 @@ class KeyedVerifier:
                     dist[i] = res.match_distance[i]
                     edit[i] = res.edit[i] if res.edit else "none"
                     crop[i] = res.crop[i] if res.crop else 1.0
+                    pref[i] = res.prefilter[i] if res.prefilter else "none"
         out = []
         for i in range(n):
             t, e = float(best[i]), best_e[i]
@@ -432,7 +435,7 @@ class KeyedVerifier:
                                     recipient=e.recipient if ok else None, score=t, nearest_instance=e.instance,
                                     threshold=self.threshold, p_value=normal_tail(t), fpr_bound=self.fpr_bound,
                                     registry_size=self.registry_size, match_distance=float(dist[i]),
-                                    edit=edit[i], crop=crop[i]))
+                                    edit=edit[i], crop=crop[i], prefilter=pref[i]))
         return out
 
 
