@@ -315,6 +315,13 @@ def test_bench_attribution_crops_option_parses_and_refuses():
             _crops(bad)
     with pytest.raises(ConfigError, match="crops must start with 1.0"):
         BaseIndex(torch.zeros(2, 4, 4, 4), None, OwnerSecret(), crops=(0.9,))
+    from faceprint.bench.attribution import READOUT_SETTINGS, _prefilters
+
+    assert _prefilters("none,blur3,blur5") == ("none", "blur3", "blur5") and _prefilters("none") == ("none",)
+    for bad in ("blur3", "none,blur4", "none,none", "none,jpeg50", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--prefilters"):
+            _prefilters(bad)
+    assert set(READOUT_SETTINGS) == {"crops", "weighting", "prefilters"}
 
 
 def test_pixel_weighting_is_inverse_energy_floored_and_keeps_empty_cells_empty():

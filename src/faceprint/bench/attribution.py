@@ -106,6 +106,9 @@ def add_arguments(p) -> None:
     p.add_argument("--crops", type=_crops, default=None, metavar="F,F,...",
                    help="keyed-bank: centre-crop fractions the read-out tries, the first 1 (default: the verifier's, "
                         "1,0.93,0.86,0.8; '1' reads the full frame only, as runs before the crop search did)")
+    p.add_argument("--prefilters", type=_prefilters, default=None, metavar="F,F,...",
+                   help="keyed-bank: filters the read-out tries on every image, the first none (default: the "
+                        "verifier's, none,blur3,blur5; 'none' reads images as they are, as runs before them did)")
     p.add_argument("--weighting", choices=("pixel", "none"), default=None,
                    help="keyed-bank: per-pixel weighting of the residual (default: the verifier's, pixel; 'none' as "
                         "runs before it)")
@@ -755,12 +758,26 @@ def _crops(text: str) -> tuple[float, ...]:
     return out
 
 
+def _prefilters(text: str) -> tuple[str, ...]:
+    out = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not out or out[0] != "none" or len(set(out)) != len(out) or not all(
+            t == "none" or (t.startswith("blur") and t[4:].isdigit() and int(t[4:]) % 2 == 1) for t in out):
+        raise argparse.ArgumentTypeError(f"--prefilters takes none first, then distinct blurK (odd K), e.g. "
+                                         f"none,blur3,blur5; got {text!r}")
+    return out
+
+
+#: settings that change only how images are read: a resumed run reads its positives and negatives again
+#: under new ones but keeps its model, instances and FID chunks
+READOUT_SETTINGS = ("crops", "weighting", "prefilters")
+
+
 def _keyed_settings(args) -> dict:
     return {"seed": args.seed, "train": args.train, "instances": args.instances, "faces": args.faces,
             "attack_faces": args.attack_faces, "test_photos": args.test_photos, "test_faces": args.test_faces,
             "fid_n": args.fid_n, "fid_reference": args.fid_reference, "target_fpr": args.target_fpr,
             "batch": args.batch, "attacks": [[c, a, s] for c, a, s in ATTACK_COLUMNS], "crops": list(args.crops),
-            "weighting": args.weighting}
+            "weighting": args.weighting, "prefilters": list(args.prefilters)}
 
 
 def _run_keyed(args) -> int:
@@ -809,6 +826,10 @@ def _run_keyed(args) -> int:
         from ..fingerprint.keyed import DEFAULT_WEIGHTING
 
         args.weighting = DEFAULT_WEIGHTING
+    if args.prefilters is None:
+        from ..fingerprint.keyed import DEFAULT_PREFILTERS
+
+        args.prefilters = DEFAULT_PREFILTERS
     work = args.out / KEYED_PARTS
     settings = _keyed_settings(args)
     sig_path = work / "settings.json"
@@ -816,8 +837,16 @@ def _run_keyed(args) -> int:
         old = json.loads(sig_path.read_text())
         old.setdefault("crops", [1.0])  # runs from before the crop search read the full frame only
         old.setdefault("weighting", "none")  # and without the per-pixel weighting
-        if old != json.loads(json.dumps(settings)):
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
+        old.setdefault("prefilters", ["none"])  # and without pre-filters
+        new = json.loads(json.dumps(settings))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff and set(diff) <= set(READOUT_SETTINGS):
+            stale = sorted((work / "parts").glob("positives-*.json")) + sorted((work / "parts").glob("negatives-*.json"))
+            for f in stale:
+                f.unlink()
+            _say(f"--resume: the read-out changed ({', '.join(diff)}): {len(stale)} positive and negative chunks "
+                 "are read again; the model, instances and FID chunks are kept")
+        elif diff:
             print(f"--resume: the run in {work} used other settings ({', '.join(diff)}); rerun with them, or without "
                   "--resume to start over", file=sys.stderr)
             return 2
@@ -860,6 +889,7 @@ def _run_keyed(args) -> int:
         "read-out crops": "full frame only" if tuple(args.crops) == (1.0,) else
                           "centre crops tried: " + ", ".join(f"{f:g}" for f in args.crops),
         "read-out weighting": {"pixel": "per-pixel inverse energy (floored)", "none": "none"}[args.weighting],
+        "read-out pre-filters": ", ".join(args.prefilters),
         "FID": f"{args.fid_n} faces per model vs celeba-10k {REF_FIRST:06d}-{REF_FIRST + args.fid_reference - 1:06d}"
                if args.fid_n else "skipped"})
     T("Machine and settings", ["item", "value"], [[k, v] for k, v in info.items()])
@@ -888,7 +918,7 @@ def _run_keyed(args) -> int:
         entries = sorted((e for e in reg.all() if e.mechanism == KEYED_MECHANISM), key=lambda e: e.instance)
     entries = entries[: args.instances]
     verifier = KeyedVerifier(owner, entries, ae, target_fpr=args.target_fpr, crops=tuple(args.crops),
-                             weighting=args.weighting)
+                             weighting=args.weighting, prefilters=tuple(args.prefilters))
     secret = verifier.secret
     (index, group), = verifier.groups
     codes = [e.code for e in group]

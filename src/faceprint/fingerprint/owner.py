@@ -376,10 +376,11 @@ class KeyedVerifier:
     ``calibrate``)."""
 
     def __init__(self, owner: Owner, entries, autoencoder, *, target_fpr: float | None = None,
-                 crops: tuple[float, ...] | None = None, weighting: str | None = None):
+                 crops: tuple[float, ...] | None = None, weighting: str | None = None,
+                 prefilters: tuple[str, ...] | None = None):
         from ..latent.generator import Generator
-        from .keyed import (DEFAULT_CROPS, DEFAULT_TARGET_FPR, DEFAULT_WEIGHTING, BaseIndex, normal_tail, sidak,
-                            threshold_for)
+        from .keyed import (DEFAULT_CROPS, DEFAULT_PREFILTERS, DEFAULT_TARGET_FPR, DEFAULT_WEIGHTING, BaseIndex,
+                            normal_tail, sidak, threshold_for)
 
         if target_fpr is None:
             target_fpr = DEFAULT_TARGET_FPR
@@ -402,7 +403,9 @@ class KeyedVerifier:
             base = Generator.load(path, autoencoder=autoencoder)
             self.groups.append((BaseIndex(base.bank_, base.autoencoder, self.secret,
                                           crops=DEFAULT_CROPS if crops is None else crops,
-                                          weighting=DEFAULT_WEIGHTING if weighting is None else weighting), group))
+                                          weighting=DEFAULT_WEIGHTING if weighting is None else weighting,
+                                          prefilters=DEFAULT_PREFILTERS if prefilters is None else prefilters),
+                                group))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, *, batch: int = 64) -> list[KeyedVerdict]:
