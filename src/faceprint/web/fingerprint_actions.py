@@ -103,16 +103,18 @@ def _verify_keyed(models, owner, entries, image: Path) -> dict:
     out = {"match": bool(v.match), "instance": v.instance, "recipient": v.recipient, "score": v.score,
            "threshold": v.threshold, "fpr_upper_bound": v.fpr_bound, "p_value": v.p_value,
            "nearest_instance": v.nearest_instance, "registry_size": v.registry_size, "edit": v.edit,
-           "crop": v.crop}
+           "crop": v.crop, "prefilter": v.prefilter}
     out["details"] = [
         ["verdict", "match" if v.match else "no match"], ["copy", v.instance or "-"], ["recipient", v.recipient or "-"],
         ["score", f"{v.score:.1f} (a match needs {v.threshold:.2f}; images of other copies score about 0 +- 1)"],
         ["false-accusation bound", f"{v.fpr_bound:.2g} per image, over {v.registry_size} recipients" if v.match
          else "- (no match)"],
         ["bound checked", checked],
-        ["read as", "the image as it is" if (v.edit == "none" and v.crop >= 1) or not v.match else
-         "; ".join(([f"an edited image ({v.edit}): the reference was edited alike"] if v.edit != "none" else [])
-                   + ([f"a centre crop of {v.crop:.0%} of the side, put back in place"] if v.crop < 1 else []))]]
+        ["read as", "the image as it is" if (v.edit == "none" and v.crop >= 1 and v.prefilter == "none") or not v.match
+         else "; ".join(([f"an edited image ({v.edit}): the reference was edited alike"] if v.edit != "none" else [])
+                        + ([f"a centre crop of {v.crop:.0%} of the side, put back in place"] if v.crop < 1 else [])
+                        + ([f"through a light denoising filter ({v.prefilter}), the reference alike"]
+                           if v.prefilter != "none" else []))]]
     if v.match:
         out["words"] = (f"This image was made by the copy {v.instance!r}, issued to {v.recipient!r}: it carries that "
                         f"copy's secret mark with a score of {v.score:.1f}, and a match needs {v.threshold:.2f}. "
