@@ -44,7 +44,6 @@ profile that fits well under an hour on 2 cores.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -112,14 +111,9 @@ def _profile(args) -> dict:
 
 
 def _datasets(args) -> Path:
-    if args.data is not None:
-        return args.data
-    from ..cli.main import _default_demo_data
+    from .machine import datasets_dir
 
-    d = _default_demo_data()
-    if d is None:
-        raise SystemExit("no data: pass --data (the folder holding celeba-10k/ and utkface/)")
-    return d.parent.parent
+    return datasets_dir(args.data, needs="celeba-10k/ and utkface")
 
 
 def sources(args, prof) -> dict:
@@ -575,7 +569,6 @@ def write_results(args, results) -> None:
     from contextlib import redirect_stdout
 
     from ..attribution.evaluation import chance_band
-    from ..io import atomic_write_text
 
     buf = io.StringIO()
     st = results["settings"]
@@ -660,14 +653,9 @@ def write_results(args, results) -> None:
             print_table("Costs", ["item", "value"], [[k, v] for k, v in costs.items()])
         print_table("Acceptance of issue 17 part 1 (computed from the numbers above)", ["criterion", "value", "met"],
                     acceptance(results))
-    md = buf.getvalue()
-    atomic_write_text(args.out / "attribute.md", md)
-    atomic_write_text(args.out / "attribute.json", json.dumps(results, indent=1, default=str))
-    print(md)
-    if args.publish is not None:
-        args.publish.mkdir(parents=True, exist_ok=True)
-        for name in ("attribute.md", "attribute.json"):
-            shutil.copyfile(args.out / name, args.publish / name)
+    from .machine import write_results as _write
+
+    _write(args.out, "attribute", buf.getvalue(), results, args.publish)
 
 
 def acceptance(results) -> list[list]:

@@ -57,3 +57,39 @@ def print_table(title: str, header: list[str], rows: list[list], file=None) -> N
     for r in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |", file=file)
     file.flush()
+
+
+def datasets_dir(given=None, *, needs: str = "celeba-10k"):
+    """The shared datasets folder (the one holding celeba-10k/, celeba-id/, utkface/): ``given``
+    when a bench's --data names it, else ../shared/datasets beside the repository or the working
+    directory. Exits with a message naming the option when there is none."""
+    from pathlib import Path
+
+    if given is not None:
+        return Path(given)
+    from ..cli.main import _default_demo_data
+
+    d = _default_demo_data()  # .../datasets/celeba-10k/images
+    if d is None:
+        raise SystemExit(f"no data: pass --data (the folder holding {needs}/)")
+    return d.parent.parent
+
+
+def write_results(out, stem: str, md: str, results: dict, publish=None) -> None:
+    """OUT/STEM.md and OUT/STEM.json (written atomically), printed, and copied to ``publish``
+    (docs/results) when given."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ..io import atomic_write_text
+
+    out = Path(out)
+    atomic_write_text(out / f"{stem}.md", md)
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=1, default=str))
+    print(md)
+    if publish is not None:
+        publish = Path(publish)
+        publish.mkdir(parents=True, exist_ok=True)
+        for name in (f"{stem}.md", f"{stem}.json"):
+            shutil.copyfile(out / name, publish / name)

@@ -85,14 +85,10 @@ def add_arguments(p) -> None:
 
 
 def _data_dir(args) -> Path:
-    if args.data is not None:
-        return args.data
-    from ..cli.main import _default_demo_data
+    """The celeba-id folder (--data names it)."""
+    from .machine import datasets_dir
 
-    d = _default_demo_data()
-    if d is None:
-        raise SystemExit("no data: pass --data (the celeba-id folder)")
-    return d.parent.parent / "celeba-id"
+    return args.data if args.data is not None else datasets_dir(needs="celeba-id") / "celeba-id"
 
 
 def _stage_file(out: Path, name: str) -> Path:

@@ -170,14 +170,9 @@ def _load_json(path: Path):
 
 # ------------------------------------------------------------------------------------ data
 def _datasets(args) -> Path:
-    if args.data is not None:
-        return args.data
-    from ..cli.main import _default_demo_data
+    from .machine import datasets_dir
 
-    d = _default_demo_data()
-    if d is None:
-        raise SystemExit("no data: pass --data (the folder holding celeba-10k/ and celeba-id/)")
-    return d.parent.parent
+    return datasets_dir(args.data, needs="celeba-10k/ and celeba-id")
 
 
 def split(ctx, parts) -> dict:

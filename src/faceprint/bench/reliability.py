@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import shutil

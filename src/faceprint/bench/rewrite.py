@@ -140,14 +140,10 @@ _T0 = [time.process_time()]  # the budget counts this process's CPU time
 
 
 def _data_dir(args) -> Path:
-    if args.data is not None:
-        return args.data
-    from ..cli.main import _default_demo_data
+    """The celeba-10k folder (--data names it)."""
+    from .machine import datasets_dir
 
-    d = _default_demo_data()
-    if d is None:
-        raise SystemExit("no data: pass --data (the celeba-10k folder)")
-    return d.parent
+    return args.data if args.data is not None else datasets_dir(needs="celeba-10k") / "celeba-10k"
 
 
 def _attributes(root: Path) -> dict[str, dict]:
@@ -699,8 +695,6 @@ def write_results(args, results) -> None:
     import io
     from contextlib import redirect_stdout
 
-    from ..io import atomic_write_text
-
     buf = io.StringIO()
     with redirect_stdout(buf):
         print("# Rewrite: a model's rules from 1-3 edited faces (papers/001) - `python -m faceprint.bench rewrite`\n")
@@ -769,11 +763,6 @@ def write_results(args, results) -> None:
                         [[k, _f(v, 2)] for k, v in fd.items() if k not in ("n", "reference")])
         print_table("Acceptance of issue 14 (computed from the numbers above)", ["criterion", "value", "met"],
                     acceptance(results))
-    md = buf.getvalue()
-    atomic_write_text(args.out / "rewrite.md", md)
-    atomic_write_text(args.out / "rewrite.json", json.dumps(results, indent=1, default=str))
-    print(md)
-    if args.publish is not None:
-        args.publish.mkdir(parents=True, exist_ok=True)
-        for name in ("rewrite.md", "rewrite.json"):
-            shutil.copyfile(args.out / name, args.publish / name)
+    from .machine import write_results as _write
+
+    _write(args.out, "rewrite", buf.getvalue(), results, args.publish)
