@@ -5,6 +5,7 @@ import json
 import pytest
 
 from faceprint.bench.machine import datasets_dir, write_results
+from faceprint.errors import InputError
 
 
 def test_datasets_dir_is_the_given_folder_or_the_shared_one(tmp_path, celeba_dir):
@@ -21,5 +22,5 @@ def test_write_results_writes_both_files_and_publishes_them(tmp_path, capsys):
     assert json.loads((pub / "demo.json").read_text()) == {"x": 1, "path": str(out)}
     assert (pub / "demo.md").read_bytes() == (out / "demo.md").read_bytes()
     assert not list(out.glob("*.tmp*"))
-    with pytest.raises(OSError):  # a missing run folder is an error, not a silent mkdir
+    with pytest.raises(InputError, match="does not exist"):  # a missing run folder: a clear error, no mkdir
         write_results(tmp_path / "missing", "demo", "x", {}, None)
