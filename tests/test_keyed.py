@@ -82,6 +82,23 @@ def keyed_owner(tmp_path_factory, celeba_dir):
     return root, m, ow
 
 
+def _alice(keyed_owner):
+    """The autoencoder, alice's registry entry, the owner's secret, the base model and alice's faces."""
+    from faceprint.autoencoder import TAEF2
+    from faceprint.data.folder import load_image
+    from faceprint.fingerprint.owner import Owner
+    from faceprint.latent.generator import Generator
+
+    root, m, _ = keyed_owner
+    ae = TAEF2.load()
+    owner = Owner(root / "owner")
+    with owner.open_registry(create=False) as reg:
+        alice = next(e for e in reg.all() if e.instance == "alice")
+    base = Generator.load(m, autoencoder=ae)
+    x = torch.stack([load_image(f, 128) for f in sorted((root / "alice").glob("face_*.png"))])
+    return ae, alice, owner.load_secret(), base, x
+
+
 def _verify(capsys, ow, *images):
     capsys.readouterr()
     assert main(["verify", "--json", *map(str, images), "-q", *ow]) == 0
@@ -246,21 +263,11 @@ def test_edited_faces_are_read_against_an_edited_reference(keyed_owner, celeba_d
     """A face shrunk to half size and back is matched against a reference that went through the
     same edit (chosen without looking at any pattern): its score is higher than against the plain
     reference, and real photos still score like N(0, 1) noise."""
-    from faceprint.autoencoder import TAEF2
     from faceprint.data.folder import load_image
     from faceprint.fingerprint.attacks import resize_down_up
     from faceprint.fingerprint.keyed import BaseIndex, apply_edit
-    from faceprint.fingerprint.owner import Owner
-    from faceprint.latent.generator import Generator
 
-    root, m, _ = keyed_owner
-    ae = TAEF2.load()
-    owner = Owner(root / "owner")
-    with owner.open_registry(create=False) as reg:
-        alice = next(e for e in reg.all() if e.instance == "alice")
-    secret = owner.load_secret()
-    base = Generator.load(m, autoencoder=ae)
-    x = torch.stack([load_image(f, 128) for f in sorted((root / "alice").glob("face_*.png"))])
+    ae, alice, secret, base, x = _alice(keyed_owner)
     xh = resize_down_up(x, 0.5)
     edited = BaseIndex(base.bank_, ae, secret).residuals(xh)
     plain = BaseIndex(base.bank_, ae, secret, edits=("none",)).residuals(xh)
@@ -351,21 +358,11 @@ def test_noisy_faces_are_read_through_a_blur_and_clean_ones_as_they_are(keyed_ow
     """The pre-filter is chosen by how close the image's latents lie to the base bank: clean faces
     stay unfiltered, faces with strong noise are read through a blur and score higher for it,
     and real photos, whatever filter they get, still score like N(0, 1) noise."""
-    from faceprint.autoencoder import TAEF2
     from faceprint.data.folder import load_image
     from faceprint.fingerprint.attacks import gaussian_noise
     from faceprint.fingerprint.keyed import BaseIndex
-    from faceprint.fingerprint.owner import Owner
-    from faceprint.latent.generator import Generator
 
-    root, m, _ = keyed_owner
-    ae = TAEF2.load()
-    owner = Owner(root / "owner")
-    with owner.open_registry(create=False) as reg:
-        alice = next(e for e in reg.all() if e.instance == "alice")
-    secret = owner.load_secret()
-    base = Generator.load(m, autoencoder=ae)
-    x = torch.stack([load_image(f, 128) for f in sorted((root / "alice").glob("face_*.png"))])
+    ae, alice, secret, base, x = _alice(keyed_owner)
     noisy = gaussian_noise(x, 0.05, generator=torch.Generator().manual_seed(0))
     idx = BaseIndex(base.bank_, ae, secret, crops=(1.0,))
     plain = BaseIndex(base.bank_, ae, secret, crops=(1.0,), prefilters=("none",))
