@@ -30,6 +30,7 @@ from faceprint.data import (
     LatentCache,
     LatentSet,
     default_cache_dir,
+    encode_files,
     encode_folder,
     load_image,
     preprocessing_id,
@@ -899,3 +900,47 @@ def test_encode_folder_encodes_each_photo_once(tmp_path, taef2):
     with pytest.warns(SkippedImageWarning):
         nocache = encode_folder(folder, enc, cache=False)
     assert enc.images == 5 and torch.allclose(nocache.latents, third.latents, atol=1e-5)
+
+
+@needs_celeba
+def test_encode_files_shares_the_folder_cache_and_keeps_the_given_order(tmp_path, taef2):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(1, 4):
+        shutil.copy(CELEBA / "images" / f"{i:06d}.jpg", root / f"{i:06d}.jpg")
+    cache = LatentCache(tmp_path / "cache")
+    enc = CountingEncoder(taef2)
+    folder_latents = encode_folder(FaceFolder(root, size=128), enc, cache=cache).latents
+    assert enc.images == 3
+
+    # files the folder encoded come from the cache, in the order given, duplicates included
+    enc.images = 0
+    order = [root / "000003.jpg", root / "000001.jpg", root / "000003.jpg"]
+    z = encode_files(order, enc, cache=cache)
+    assert enc.images == 0
+    assert torch.equal(z, folder_latents[[2, 0, 2]])
+
+    # a new file is encoded once and cached; a second call encodes nothing
+    shutil.copy(CELEBA / "images" / "000004.jpg", root / "new.jpg")
+    calls = []
+    z2 = encode_files([root / "new.jpg", root / "000002.jpg"], enc, cache=cache, check_time=lambda: calls.append(1))
+    assert enc.images == 1 and calls == [1] and torch.equal(z2[1], folder_latents[1])
+    enc.images = 0
+    assert torch.equal(encode_files([root / "new.jpg"], enc, cache=cache), z2[:1]) and enc.images == 0
+
+    # a deadline raised from check_time stops before any encoding; bad input names the file
+    shutil.copy(CELEBA / "images" / "000005.jpg", root / "later.jpg")
+
+    def stop():
+        raise TimeoutError("out of time")
+
+    with pytest.raises(TimeoutError):
+        encode_files([root / "later.jpg"], enc, cache=cache, check_time=stop)
+    assert enc.images == 0
+    (root / "broken.jpg").write_text("not a photo")
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        encode_files([root / "broken.jpg"], enc, cache=cache)
+    with pytest.raises(BadImageError, match="missing.jpg"):
+        encode_files([root / "missing.jpg"], enc, cache=cache)
+    with pytest.raises(InputError, match="at least one"):
+        encode_files([], enc, cache=cache)

@@ -235,13 +235,11 @@ def latents_of(ctx, paths: list[Path], name: str, ae) -> torch.Tensor:
         meta = json.loads((f.with_suffix(".json")).read_text()) if f.with_suffix(".json").is_file() else {}
         if meta.get("keys") == keys:
             return t["latents"]
-    from ..data import load_image
+    from ..data import encode_files
 
-    out = []
-    for s in range(0, len(paths), 64):
-        ctx.check_time(f"encoding {name}")
-        out.append(ae.encode(torch.stack([load_image(p, 128) for p in paths[s:s + 64]])))
-    z = torch.cat(out) if out else torch.zeros(0, 32, 16, 16)
+    # through the shared latent cache: photos another bench encoded are not encoded again
+    z = encode_files(paths, ae, size=128, check_time=lambda: ctx.check_time(f"encoding {name}")) if paths \
+        else torch.zeros(0, 32, 16, 16)
     save_file({"latents": z.contiguous()}, str(f))
     _save_json(f.with_suffix(".json"), {"keys": keys, "note": "latents of shared photos: never commit"})
     return z

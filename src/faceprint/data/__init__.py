@@ -18,7 +18,7 @@ from .folder import (
     preprocessing_id,
 )
 from .labels import LabelTable, read_labels, to_numeric
-from .latentset import LatentSet, encode_folder
+from .latentset import LatentSet, encode_files, encode_folder
 
 __all__ = [
     "ALLOWED_SIZES",
@@ -34,6 +34,7 @@ __all__ = [
     "LatentCache",
     "LatentSet",
     "default_cache_dir",
+    "encode_files",
     "encode_folder",
     "load_image",
     "preprocessing_id",

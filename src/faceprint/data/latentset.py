@@ -19,7 +19,7 @@ from ..io import sha256_file
 from .cache import CacheKey, LatentCache
 from .folder import FaceFolder, preprocessing_id
 
-__all__ = ["LatentSet", "encode_folder"]
+__all__ = ["LatentSet", "encode_folder", "encode_files"]
 
 
 @dataclass
@@ -255,6 +255,54 @@ def encode_folder(
         autoencoder_id=ae_id,
         skipped=skipped,
     )
+
+
+def encode_files(paths, autoencoder, *, size: int = 128, cache=None, batch_size: int | None = None,
+                 check_time=None) -> torch.Tensor:
+    """Latents (N, C, h, w) of an explicit list of photo files, in that order, through the same
+    latent cache as :func:`encode_folder` (a photo encoded once by either is not encoded again).
+
+    Every file must be usable: a bad one raises :class:`BadImageError` naming it (a list picked
+    by hand has no "skip" to fall back on). ``check_time``: called before each encoder batch
+    (e.g. to stop a benchmark at its deadline); what was encoded before is already cached.
+    Latents that went through a float16 cache are returned as stored, like encode_folder's."""
+    from .folder import load_image
+
+    ae_id = getattr(autoencoder, "id", None)
+    if not isinstance(ae_id, str) or not ae_id or not callable(getattr(autoencoder, "encode", None)):
+        raise InputError(
+            f"autoencoder must have a non-empty str .id and an .encode(images) method, got {type(autoencoder).__name__}"
+        )
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("encode_files needs at least one photo file")
+    enc_key = getattr(autoencoder, "encode_id", None) or ae_id
+    prep = preprocessing_id(size)
+    if batch_size is None:
+        batch_size = max(1, (16 * 128 * 128) // (size * size))
+    store = _resolve_cache(cache)
+    hashes = []
+    for p in paths:
+        try:
+            hashes.append(sha256_file(p))
+        except OSError as e:
+            raise BadImageError(p, f"cannot read file ({e.strerror or e})") from None
+    latent_of: dict[str, torch.Tensor] = {}
+    if store is not None:
+        got = store.get_many(CacheKey(h, prep, enc_key) for h in dict.fromkeys(hashes))
+        latent_of = {k.content: v for k, v in got.items()}
+    todo = list(dict.fromkeys(h for h in hashes if h not in latent_of))
+    first = {}
+    for p, h in zip(paths, hashes):
+        first.setdefault(h, p)
+    for s in range(0, len(todo), batch_size):
+        if check_time is not None:
+            check_time()
+        hs = todo[s:s + batch_size]
+        with torch.no_grad():
+            z = autoencoder.encode(torch.stack([load_image(first[h], size) for h in hs]))
+        _keep(_check_latents(z, len(hs), ae_id), hs, store, prep, enc_key, latent_of)
+    return torch.stack([latent_of[h] for h in hashes])
 
 
 def _keep(z: torch.Tensor, hs: list, store, prep: str, enc_key: str, latent_of: dict) -> None:
