@@ -387,6 +387,10 @@ def test_cli_writes_faces_and_provenance_and_refuses_bad_input(tmp_path, model, 
     if not PACKAGED_MAPPING.is_file():
         assert main(["personalize", str(m), "--photo", str(_ref()), "-o", str(tmp_path / "y")]) == 2
         assert "no trained mapping" in capsys.readouterr().err
+    else:  # the shipped mapping (bench personalize --write-mapping) is the default
+        assert main(["personalize", str(m), "--photo", str(_ref()), "-n", "1", "-o", str(tmp_path / "y"), "-q"]) == 0
+        rec = json.loads((tmp_path / "y" / "provenance.json").read_text())
+        assert rec["mapping"]["file"] == "mapping.safetensors" and rec["files"] == ["face_000000.png"]
 
 
 # ------------------------------------------------------------------------------ bench statistics
