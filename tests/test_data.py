@@ -854,12 +854,17 @@ class CountingEncoder:
         return self.ae.encode(images)
 
 
+def _celeba_photos(root: Path, n: int) -> Path:
+    """A new folder holding copies of celeba photos 000001..n under their own names."""
+    root.mkdir()
+    for i in range(1, n + 1):
+        shutil.copy(CELEBA / "images" / f"{i:06d}.jpg", root / f"{i:06d}.jpg")
+    return root
+
+
 @needs_celeba
 def test_encode_folder_encodes_each_photo_once(tmp_path, taef2):
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(1, 6):
-        shutil.copy(CELEBA / "images" / f"{i:06d}.jpg", root / f"{i:06d}.jpg")
+    root = _celeba_photos(tmp_path / "photos", 5)
     shutil.copy(CELEBA / "images" / "000002.jpg", root / "copy_of_2.jpg")  # same content
     (root / "broken.jpg").write_text("not a photo")
     csv = _csv(tmp_path / "l.csv", "file,n\n" + "".join(f"{i:06d}.jpg,{i}\n" for i in range(1, 6)) + "copy_of_2.jpg,2\nbroken.jpg,0\n")
@@ -904,10 +909,7 @@ def test_encode_folder_encodes_each_photo_once(tmp_path, taef2):
 
 @needs_celeba
 def test_encode_files_shares_the_folder_cache_and_keeps_the_given_order(tmp_path, taef2):
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(1, 4):
-        shutil.copy(CELEBA / "images" / f"{i:06d}.jpg", root / f"{i:06d}.jpg")
+    root = _celeba_photos(tmp_path / "photos", 3)
     cache = LatentCache(tmp_path / "cache")
     enc = CountingEncoder(taef2)
     folder_latents = encode_folder(FaceFolder(root, size=128), enc, cache=cache).latents
