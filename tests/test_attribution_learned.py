@@ -67,16 +67,49 @@ def test_classifier_separates_two_sources_with_a_clear_trace(trained, two_source
     assert all(abs(sum(a.probabilities.values()) - 1) < 1e-5 for a in answers)
 
 
-def test_open_set_threshold_answers_unknown_for_an_unseen_source(trained, two_sources):
-    *_, xte, yte = two_sources
+def test_open_set_threshold_is_calibrated_and_answers_unknown_below_it(trained, two_sources):
+    # Whether an unseen source scores below the threshold is an empirical question (the bench's
+    # open-set stage measures it; for this tiny 8-epoch network, uniform noise is rejected 0 to
+    # 24 times in 24 depending on the initial weights). What must hold is the mechanism.
+    _, _, xcal, ycal, xte, _ = two_sources
+    _, _, s_cal = trained.scores(xcal)
+    known_cal = (s_cal >= trained.threshold_).double().mean()
+    assert 0.9 <= known_cal <= 0.9 + 2 / len(s_cal)  # coverage 0.9 of the held-out known images
     g = torch.Generator().manual_seed(0)
-    noise = (torch.rand(24, 3, 128, 128, generator=g) * 255).round().to(torch.uint8)  # no face, no trace
-    unknown = [a.source for a in trained.attribute(noise)]
-    assert unknown.count("unknown") >= 22
-    known = trained.attribute(xte)
-    assert sum(a.source != "unknown" for a in known) >= 0.7 * len(known)
-    r = rate_with_bound(24 - unknown.count("unknown"), 24)
-    assert r["upper95"] > r["rate"]
+    noise = (torch.rand(24, 3, 128, 128, generator=g) * 255).round().to(torch.uint8)
+    both = torch.cat([xte, noise])
+    probs, pred, s = trained.scores(both)
+    answers = trained.attribute(both)
+    assert [a.source == "unknown" for a in answers] == (s < trained.threshold_).tolist()
+    assert [a.nearest for a in answers] == [trained.sources[int(p)] for p in pred]  # nearest is kept
+    assert all(a.threshold == trained.threshold_ for a in answers)
+    # full coverage: every calibration image is answered with its source
+    trained2 = type(trained).__new__(type(trained))
+    trained2.__dict__.update(trained.__dict__)
+    assert trained2.calibrate(xcal, ycal, coverage=1.0) == pytest.approx(float(s_cal.min()))
+    assert all(a.source != "unknown" for a in trained2.attribute(xcal))
+    n_unknown = sum(a.source == "unknown" for a in answers[len(xte):])
+    r = rate_with_bound(24 - n_unknown, 24)
+    assert r["rate"] == (24 - n_unknown) / 24 and r["upper95"] >= r["rate"]
+    assert rate_with_bound(0, 24)["upper95"] == pytest.approx(1 - 0.05 ** (1 / 24))  # exact for k = 0
+
+
+def test_same_seeds_same_classifier(two_sources):
+    # the initial weights come from the Attributor's seed, not the global random state
+    xtr, ytr, *_ = two_sources
+    torch.manual_seed(123)
+    a = Attributor(["raw", "marked"], AE_ID, NetConfig(width=4), seed=5)
+    torch.manual_seed(456)
+    b = Attributor(["raw", "marked"], AE_ID, NetConfig(width=4), seed=5)
+    c = Attributor(["raw", "marked"], AE_ID, NetConfig(width=4), seed=6)
+    sa, sb, sc = (m.net.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["fc.weight"], sc["fc.weight"])
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=2e-3, crop=64)
+    few = torch.cat([torch.arange(8), torch.arange(24, 32)])  # 8 of each source
+    a.fit(xtr[few], ytr[few], cfg, seed=0)
+    b.fit(xtr[few], ytr[few], cfg, seed=0)
+    assert all(torch.equal(a.net.state_dict()[k], b.net.state_dict()[k]) for k in sa)
 
 
 def test_save_load_round_trip_and_autoencoder_refusal(trained, two_sources, tmp_path):

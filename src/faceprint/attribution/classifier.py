@@ -324,10 +324,12 @@ class Attributor:
     net_config : NetConfig, optional
     score : {"centroid", "softmax"}
         The open-set score (module docstring).
+    seed : int
+        The network's initial weights (training has its own seed, :meth:`fit`).
     """
 
     def __init__(self, sources: Sequence[str], autoencoder_id: str, net_config: NetConfig | None = None, *,
-                 score: str = "centroid"):
+                 score: str = "centroid", seed: int = 0):
         sources = list(sources)
         if len(sources) < 2 or len(set(sources)) != len(sources) or not all(isinstance(s, str) and s for s in sources):
             raise InputError(f"sources must be at least 2 distinct non-empty names, got {sources!r}")
@@ -340,7 +342,7 @@ class Attributor:
         self.sources = sources
         self.autoencoder_id = autoencoder_id
         self.score = score
-        self.net = AttributionNet(len(sources), net_config)
+        self.net = AttributionNet(len(sources), net_config, seed=seed)
         self.centroids_: torch.Tensor | None = None
         self.threshold_: float | None = None
         self.coverage_: float | None = None
@@ -392,7 +394,10 @@ class Attributor:
         if images.shape[0] < 20:
             raise InputError(f"calibration needs at least 20 held-out images of the known sources, got {images.shape[0]}")
         _, _, s = self.scores(images)
-        self.threshold_ = float(torch.quantile(s.double(), 1.0 - coverage)) if coverage < 1 else float(s.min())
+        # 'lower': the threshold is one of the scores, so at least ``coverage`` of them are at or
+        # above it (linear interpolation would land between two scores and keep fewer)
+        self.threshold_ = (float(torch.quantile(s.double(), 1.0 - coverage, interpolation="lower"))
+                           if coverage < 1 else float(s.min()))
         self.coverage_ = float(coverage)
         return self.threshold_
 

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError
+from ..seeding import check_seed
+from ..seeding import generator as make_generator
 
 BANDS = ("full", "low", "high")
 # (in multiplier, out multiplier, stride) of each 3x3 convolution, in units of the width;
@@ -151,8 +153,9 @@ def band_filter(x: torch.Tensor, band: str, factor: int) -> torch.Tensor:
 class AttributionNet(nn.Module):
     """images (N, 3, H, W) in [0, 1] -> logits (N, K); :meth:`fingerprints` gives (N, feature_dim)."""
 
-    def __init__(self, n_sources: int, config: NetConfig | None = None):
+    def __init__(self, n_sources: int, config: NetConfig | None = None, *, seed: int = 0):
         super().__init__()
+        check_seed(seed)
         if isinstance(n_sources, bool) or not isinstance(n_sources, int) or n_sources < 2:
             raise InputError(f"an attribution network needs at least 2 sources, got {n_sources!r}")
         self.config = config or NetConfig()
@@ -165,9 +168,15 @@ class AttributionNet(nn.Module):
                                        nn.LeakyReLU(0.2, inplace=True)))
         self.convs = nn.ModuleList(convs)
         self.fc = nn.Linear(fd, n_sources)  # rows: the model fingerprints
+        # every initial weight comes from ``seed`` (never the global random state): the same seed,
+        # the same network, in any process
+        g = make_generator(seed, "attribution-init")
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu", generator=g)
+        bound = 1.0 / math.sqrt(fd)  # nn.Linear's own default range
+        nn.init.uniform_(self.fc.weight, -bound, bound, generator=g)
+        nn.init.uniform_(self.fc.bias, -bound, bound, generator=g)
 
     def fingerprints(self, images: torch.Tensor) -> torch.Tensor:
         """Image fingerprints (N, feature_dim)."""

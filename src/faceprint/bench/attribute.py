@@ -198,7 +198,7 @@ def train_classifier(args, ae, name: str, data: Data, epochs: int, net_config=No
     from ..attribution import Attributor, NetConfig, TrainConfig
 
     (args.out / "classifiers").mkdir(parents=True, exist_ok=True)
-    att = Attributor(data.names, ae.id, net_config or NetConfig())
+    att = Attributor(data.names, ae.id, net_config or NetConfig(), seed=args.seed)
     cfg = TrainConfig(epochs=epochs, max_seconds=_remaining(args))
     x, y = data.train
     tag = tag or name

@@ -240,7 +240,7 @@ def cmd_train(args, specs: list[str]) -> int:
         for sp in splits:
             splits[sp].append((parts[sp], torch.full((parts[sp].shape[0],), c, dtype=torch.int64)))
     data = {sp: (torch.cat([x for x, _ in v]), torch.cat([y for _, y in v])) for sp, v in splits.items()}
-    att = Attributor(names, ae.id)
+    att = Attributor(names, ae.id, seed=args.seed)
     prog = None if args.quiet else (lambda m: _say(args, m))
     att.fit(*data["train"], TrainConfig(epochs=args.epochs), seed=args.seed, progress=prog)
     thr = att.calibrate(*data["cal"], coverage=args.coverage)
