@@ -81,6 +81,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=250, help="faces decoded/featurised per chunk")
     p.add_argument("--reference-n", type=int, default=None, help="use only the first N reference photos")
     p.add_argument("--held-n", type=int, default=None, help="held-out photos for memorisation (default up to -n)")
+    p.add_argument("--preface", type=Path, default=None,
+                   help="a markdown file (what a person read off the run: sheets, shortfalls) put under the title")
 
 
 def _results_dir(args) -> Path:
@@ -101,6 +103,12 @@ def run(args) -> int:
 
     t_start = time.perf_counter()
     deadline = None if args.minutes is None else t_start + 60 * args.minutes
+    preface = None
+    if args.preface is not None:  # read first: a bad file fails now, not after hours of training
+        try:
+            preface = args.preface.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"--preface {str(args.preface)!r}: cannot read it as UTF-8 text ({e})") from None
     protocols = [p for p in args.protocols.split(",") if p]
     variants = [v for v in args.variants.split(",") if v]
     for p in protocols:
@@ -247,6 +255,7 @@ def run(args) -> int:
            "total_seconds": time.perf_counter() - t_start,
            "paper": {k: {"dataset": d, "baseline_fid": a, "fid": b, "relative": b / a - 1} for k, (d, a, b) in PAPER.items()}}
     doc["comparisons"] = _comparisons(doc, protocols, args.seed, extra, seed_variants)
+    doc["preface"] = preface
     res = _results_dir(args)
     res.mkdir(parents=True, exist_ok=True)
     md = _markdown(doc, args)
@@ -442,6 +451,8 @@ def _markdown(doc, args) -> str:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         print("# bench gan: a latent GAN with the dual contrastive loss and attention (papers/004, Ch. 2)\n")
+        if doc.get("preface"):
+            print(doc["preface"].strip() + "\n")
         print("Command: `python -m faceprint.bench gan " + " ".join(_cli_args(args)) + "`"
               + ("" if doc["complete"] else " (INCOMPLETE: stopped by --minutes; resumable)") + ".")
         print_table("Machine and settings", ["item", "value"], [[k, v] for k, v in doc["machine"].items()])

@@ -27,8 +27,9 @@ def register(sub, *, common) -> None:
                    help="planned iterations (default: the preset's, 3000); the warm-up is 20%% of them")
     g.add_argument("--preset", choices=("small", "tiny"), default="small",
                    help="network size: small (~0.8M G parameters), tiny (half the channels, ~4x cheaper)")
-    g.add_argument("--augment", default="", metavar="POLICIES",
-                   help="DiffAugment of D's inputs, comma-separated of flip, translation, cutout (default: none)")
+    g.add_argument("--augment", default=None, metavar="POLICIES",
+                   help="DiffAugment of D's inputs, comma-separated of flip, translation, cutout, '' for none "
+                        "(default: the preset's: none for small, translation,cutout for tiny)")
     g.add_argument("--loss", choices=("ns", "contrastive", "hinge"), default="ns",
                    help="ns: non-saturating (default); contrastive: dual contrastive (papers/004 Eq. 2.1-2.3) after "
                         "an NS warm-up; hinge")
@@ -83,7 +84,9 @@ def cmd_train_gan(args) -> int:
                          "--checkpoint of the interrupted run")
     Plan().input_folder("photo", args.folder).output_file("-o", args.output).check()
     over = {"loss": args.loss, "g_attention": args.g_attention, "d_reference_attention": args.d_reference_attention,
-            "attn_patch": args.patch, "augment": args.augment}
+            "attn_patch": args.patch}
+    if args.augment is not None:
+        over["augment"] = args.augment
     if args.batch_size is not None:
         over["batch_size"] = args.batch_size
     cfg = replace(PRESETS[args.preset], **over)

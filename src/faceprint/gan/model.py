@@ -228,7 +228,12 @@ class GANConfig:
 #: named configurations; "small" is the default, "tiny" has half the channels (~4x cheaper)
 PRESETS = {
     "small": GANConfig(),
-    "tiny": GANConfig(z_dim=64, g_channels=(64, 64, 32), d_width=32, batch_size=32),
+    # tiny: half the channels (~4x cheaper), with what a 2-core pilot found it needs (celeba-1k, FID on
+    # 500 faces 178 -> 132 from 3,000 to 12,000 iterations, no collapse; without augmentation and
+    # with lr 1e-3 / R1 1, D won within 600 iterations and FID rose): DiffAugment translation +
+    # cutout on D's inputs, lr 5e-4 for both, R1 gamma 5
+    "tiny": GANConfig(z_dim=64, g_channels=(64, 64, 32), d_width=32, batch_size=32, augment="translation,cutout",
+                      lr_g=5e-4, lr_d=5e-4, r1_gamma=5.0),
 }
 
 
