@@ -416,3 +416,14 @@ def test_bench_statistics_weights_bootstrap_and_best_of_n():
                         "dir": list(g.uniform(0, 1, 16))} for _ in range(5)]}
     curve = best_of_n([doc])
     assert list(curve) == [1, 2, 4, 8, 16] and all(curve[m] <= curve[n] for m, n in zip(list(curve), list(curve)[1:]))
+
+
+def test_bench_shard_argument_is_checked():
+    import argparse
+
+    from faceprint.bench.personalize import _shard
+
+    assert _shard("1/2") == (1, 2) and _shard("3/3") == (3, 3)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/2/3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
+            _shard(bad)

@@ -107,7 +107,23 @@ def add_arguments(p) -> None:
     p.add_argument("--write-mapping", type=Path, default=None,
                    help="copy the trained method mapping here (e.g. src/faceprint/personalize/weights/mapping.safetensors)")
     p.add_argument("--contended", action="store_true", help="mark timings as measured while other jobs ran")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="evaluate only people K, K+N, K+2N, ... (1-based K) and stop before the report: run N shards "
+                        "in parallel on one --out (after --train-only), then once without --shard and with --resume "
+                        "to assemble; shard 1 also computes the AUC table and the refusal rates")
     p.add_argument("--weights", type=Path, default=None)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like K/N (e.g. 1/2), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
 
 
 class OutOfTime(Exception):
@@ -689,11 +705,13 @@ def _run(ctx, t_all) -> int:
     if args.train_only:
         return 0
     print(f"mappings ready, {time.perf_counter() - t_all:.0f} s", flush=True)
-    aucs = auc_table(ctx, sp, parts, mappings["msid"], ae)
-    print(f"identity AUC table, {time.perf_counter() - t_all:.0f} s", flush=True)
-    refusal = refusal_rates(ctx, sp, parts)
-    print(f"refusal rates: {refusal['genuine_refused']:.3f} of forgotten people's photos, "
-          f"{refusal['impostor_refused']:.4f} of others', {time.perf_counter() - t_all:.0f} s", flush=True)
+    shard_k, shard_n = args.shard or (1, 1)
+    if shard_k == 1:
+        aucs = auc_table(ctx, sp, parts, mappings["msid"], ae)
+        print(f"identity AUC table, {time.perf_counter() - t_all:.0f} s", flush=True)
+        refusal = refusal_rates(ctx, sp, parts)
+        print(f"refusal rates: {refusal['genuine_refused']:.3f} of forgotten people's photos, "
+              f"{refusal['impostor_refused']:.4f} of others', {time.perf_counter() - t_all:.0f} s", flush=True)
     inc = None
     fid_rows = [r for r in args.fid_rows.split(",") if r in ctx.rows] if args.fid_faces > 0 else []
     if fid_rows:
@@ -706,6 +724,8 @@ def _run(ctx, t_all) -> int:
     timing = []
     fid_per_person = math.ceil(args.fid_faces / max(len(sp["test"]), 1))
     for pi, t in enumerate(sp["test"]):
+        if pi % shard_n != shard_k - 1:
+            continue  # another shard's person
         ctx.check_time(f"person {pi}")
         todo = [r for r in ctx.rows if not (args.resume and _done(ctx, r, t, args.faces))]
         best = pi < args.best_of_people
@@ -714,8 +734,12 @@ def _run(ctx, t_all) -> int:
         else:
             todo_b = []
         env = person_env(ctx, pi, t, parts, ae, gen, mappings, labels, directions) if (todo or todo_b) else None
+        tf = ctx.path("timing", f"{t['person']}.json")  # per person, so a shard's timings reach the report
         if env is not None:
-            timing.append(env["timing"])
+            _save_json(tf, {"settings": ctx.settings, "timing": env["timing"]})
+        saved_t = _load_json(tf)
+        if saved_t is not None and saved_t.get("settings") == ctx.settings:
+            timing.append(saved_t["timing"])
         for r in ctx.rows:
             if env is not None:
                 env["inception"] = inc if r in fid_rows else None
@@ -729,6 +753,10 @@ def _run(ctx, t_all) -> int:
                 best_docs[r].append(evaluate_person(ctx, pi, t, r, env, 16, "@16") if r in todo_b else
                                     _load_json(ctx.path("rows", r + "@16", f"{t['person']}.json")))
         print(f"person {pi + 1}/{len(sp['test'])} ({t['person']}) done, {time.perf_counter() - t_all:.0f} s", flush=True)
+    if args.shard is not None:
+        print(f"shard {shard_k}/{shard_n} done, {time.perf_counter() - t_all:.0f} s; when every shard is done, run "
+              "again without --shard and with --resume to assemble the report", flush=True)
+        return 0
     sheet_path = sheet(ctx, sp, parts, ae, gen, mappings, labels, directions)
     print(f"sheet of references and their personalised faces (real people: never commit): {sheet_path}", flush=True)
     fids = {}
