@@ -15,7 +15,7 @@ class _Set:
         self.relpaths = [f"{i:03d}.png" for i in range(latents.shape[0])]
 
 
-def _model_with_a_singleton():
+def _model_with_a_singleton(**config):
     """40 photos around one face and one photo far away: the far photo is a component of its
     own, so every face drawn from that component is a copy of it (a face built to be a copy)."""
     g = torch.Generator().manual_seed(0)
@@ -23,7 +23,8 @@ def _model_with_a_singleton():
     crowd = base + 0.6 * torch.randn(40, 4, 8, 8, generator=g)
     lone = base + 8.0 + 0.6 * torch.randn(1, 4, 8, 8, generator=g)
     lat = torch.cat([crowd, lone])
-    cfg = GeneratorConfig(components=2, channels=4, patch_radius=1, refinement="paper", rank_temperature=0.5)
+    cfg = GeneratorConfig(**{"components": 2, "channels": 4, "patch_radius": 1, "refinement": "paper",
+                             "rank_temperature": 0.5, **config})
     gen = Generator(cfg).fit(_Set(lat), seed=0)
     lone_k = int(gen.mixture_.labels_[40])
     assert int((gen.mixture_.labels_ == lone_k).sum()) == 1
@@ -109,3 +110,25 @@ def test_guard_settings_are_checked():
     for bad in (dict(quantile=1.5), dict(max_share=0), dict(max_attempts=0)):
         with pytest.raises(ConfigError):
             CopyGuard(**bad)
+
+
+def test_the_share_cap_makes_faces_under_the_bound_and_the_guard_catches_what_it_cannot():
+    """With share_cap the seam refinement builds faces under the guard's share bound, so the
+    guard redraws none of the crowd's faces for their share; a lone photo's component has no
+    second photo to take pixels from, so its faces stay copies and the guard still redraws them."""
+    free, _ = _model_with_a_singleton(refinement="seam", rank_temperature=0.02)
+    capped, lone_k = _model_with_a_singleton(refinement="seam", rank_temperature=0.02, share_cap=0.5)
+    off = free.sample_latents(200, seed=4, guard=None)
+    crowd = off.components != lone_k
+    assert (~crowd).any() and crowd.any()
+    free_share = torch.tensor([s["max_share"] for s in free.provenance_summary(off.provenance)])
+    assert (free_share[crowd] > 0.5).any()  # without the cap some crowd faces are mostly one photo
+    raw = capped.sample_latents(200, seed=4, guard=None)
+    assert torch.equal(raw.components, off.components)  # the cap changes the NN step only
+    share = torch.tensor([s["max_share"] for s in capped.provenance_summary(raw.provenance)])
+    assert (share[crowd] <= 0.5).all()
+    assert (share[~crowd] == 1.0).all()
+    # the guard's share rule alone (threshold 0 turns the distance rule off): only the lone photo's faces
+    refused = capped._copies(raw.latents, raw.provenance, 0.0, CopyGuard())
+    assert torch.equal(refused, ~crowd)
+    assert capped._copies(off.latents, off.provenance, 0.0, CopyGuard())[crowd].any()

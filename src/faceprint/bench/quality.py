@@ -27,7 +27,8 @@ import torch
 
 from .machine import describe, print_table
 
-METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-noguard", "lrgmm-nn", "latentpatch", "ae-recon")
+METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-noguard", "lrgmm-nn", "lrgmm-nn-cap",
+           "latentpatch", "ae-recon")
 LABELS = {
     "gaussian": "standard Gaussian prior",
     "nn": "NN step alone (paper rule)",
@@ -35,6 +36,7 @@ LABELS = {
     "lrgmm-nn-paper": "LR-GMM-NN, paper rule (Eq. 5), no guard",
     "lrgmm-nn-noguard": "LR-GMM-NN, seam rule, no guard",
     "lrgmm-nn": "LR-GMM-NN default (seam rule + copy guard)",
+    "lrgmm-nn-cap": "LR-GMM-NN, seam rule with share cap 0.5 + copy guard",
     "latentpatch": "LatentPatch",
     "ae-recon": "AE reconstructions (ceiling)",
 }
@@ -47,6 +49,7 @@ GENERATOR_ROWS = {
     "lrgmm-nn-paper": ("lrgmm-nn", {"refinement": "paper"}, False),
     "lrgmm-nn-noguard": ("lrgmm-nn", {}, False),
     "lrgmm-nn": ("lrgmm-nn", {}, True),
+    "lrgmm-nn-cap": ("lrgmm-nn", {"share_cap": 0.5}, True),
 }
 
 

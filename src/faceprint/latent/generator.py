@@ -59,6 +59,9 @@ class GeneratorConfig:
     rank_temperature: lambda in d_k = floor(lambda pi_k d0).  patch_radius: rho of the NN
     patches.  iterations: NN projections.  reg_covar: r added to each covariance.
     copy: "full" or "projected" (see module docstring).  method: default sampling method.
+    refinement, candidates, seam_weight, sweeps: the NN step's rule (module refine.py).
+    share_cap: at most this share of a face's latent pixels from one photo, enforced inside the
+    seam refinement (None: no cap; the copy guard's share rule then redraws instead).
     """
 
     components: int | None = None
@@ -79,6 +82,7 @@ class GeneratorConfig:
     candidates: int = 8
     seam_weight: float = 0.3
     sweeps: int = 4
+    share_cap: float | None = None
 
     def mixture_config(self, n_photos: int) -> MixtureConfig:
         """The EM settings for n_photos: the exact EM, or the scale path (module mixture.py)
@@ -93,7 +97,7 @@ class GeneratorConfig:
 
     def refine_config(self) -> RefineConfig:
         return RefineConfig(self.patch_radius, self.iterations, mode=self.refinement, candidates=self.candidates,
-                            seam_weight=self.seam_weight, sweeps=self.sweeps)
+                            seam_weight=self.seam_weight, sweeps=self.sweeps, max_share=self.share_cap)
 
     def __post_init__(self):
         if self.components is not None and (isinstance(self.components, bool) or not isinstance(self.components, int)

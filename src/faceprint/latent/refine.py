@@ -34,10 +34,20 @@ Two selection rules (``RefineConfig.mode``):
          colours of a checkerboard in turn (``sweeps`` rounds): each update can only lower E.
          Every latent pixel is still one training photo's pixel, so the provenance map stays
          exact and data-level fingerprints in the bank are carried unchanged.
+
+         ``max_share`` (optional) caps the share of one face's latent pixels that any one
+         photo may supply, as a hard constraint of the same ICM: a photo at its cap takes no
+         new pixel (when more positions of one half-sweep would join a photo than it has room
+         for, the ones that gain most join), and a photo over its cap (the paper labelling
+         starts unconstrained) must give pixels back, the cheapest ones first, exactly as many
+         as it is over. Extra repair sweeps run until every face is within the cap (or no
+         position has an alternative candidate left). The copy guard's share rule then has
+         nothing to redraw: the face is made under the bound instead of being thrown away.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +73,7 @@ class RefineConfig:
     candidates: int = 8
     seam_weight: float = 1.0
     sweeps: int = 4
+    max_share: float | None = None
 
     def __post_init__(self):
         for name, lo in (("patch_radius", 0), ("iterations", 0), ("block_elements", 1), ("candidates", 1),
@@ -75,6 +86,13 @@ class RefineConfig:
         if not (isinstance(self.seam_weight, (int, float)) and not isinstance(self.seam_weight, bool)
                 and 0 <= self.seam_weight < 1e6):
             raise ConfigError(f"seam_weight must be a number in [0, 1e6), got {self.seam_weight!r}")
+        if self.max_share is not None:
+            if not (isinstance(self.max_share, (int, float)) and not isinstance(self.max_share, bool)
+                    and 0 < self.max_share <= 1):
+                raise ConfigError(f"max_share must be None or a number in (0, 1], got {self.max_share!r}")
+            if self.mode != "seam":
+                raise ConfigError("max_share needs the seam refinement (mode 'seam'); the paper's rule has no "
+                                  "joint labelling to constrain")
 
 
 class NNRefiner:
@@ -202,7 +220,19 @@ class NNRefiner:
             pos = torch.nonzero(checker == colour).squeeze(1)
             halves.append((pos, unary[:, pos], own[:, pos], [a[:, pos] for a in at_nb],
                            [nb_idx[d][pos] for d in range(4)], [nb_ok[d][pos].view(1, -1, 1) for d in range(4)]))
-        for _ in range(self.config.sweeps):
+        cap = self.config.max_share
+        cap_n = None if cap is None else max(1, int(math.floor(cap * hw + 1e-9)))
+        n_bank = bank.shape[0]
+        sweep = 0
+        while True:
+            if sweep >= self.config.sweeps:
+                # repair sweeps (capped only): until every face is within the cap, bounded
+                if cap_n is None or sweep >= self.config.sweeps + 2 * hw:
+                    break
+                L = cand.gather(2, label[..., None])[..., 0]
+                if int(_counts(L, n_bank).max()) <= cap_n:
+                    break
+            sweep += 1
             for pos, un, own_c, at_nb_c, nb_c, ok_c in halves:
                 L = cand.gather(2, label[..., None])[..., 0]  # (B, hw) global photo per position
                 Z = pix[L, arange.view(1, hw)]  # (B, hw, C) the current collage
@@ -213,7 +243,10 @@ class NNRefiner:
                     nb_at_nb = Z[:, nb_c[d]][:, :, None]  # y_b(p') (B, P, 1, C)
                     s_ = ((own_c - nb_at_p) ** 2).sum(-1) + ((at_nb_c[d] - nb_at_nb) ** 2).sum(-1)
                     cost += beta * s_ * ok_c[d]
-                label[:, pos] = cost.argmin(2)
+                if cap_n is None:
+                    label[:, pos] = cost.argmin(2)
+                else:
+                    label[:, pos] = _capped_choice(cost, cand[:, pos], label[:, pos], L, cap_n, n_bank)
         return cand.gather(2, label[..., None])[..., 0]
 
     def _member_bank(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +264,70 @@ class NNRefiner:
     def _check_fitted(self):
         if self.bank_ is None:
             raise NotFittedError("NNRefiner is not fitted; call fit(bank, labels) first")
+
+
+def _counts(L: torch.Tensor, n: int) -> torch.Tensor:
+    """How many positions of each face (rows of L, global photo indices) each photo supplies: (B, n)."""
+    return torch.zeros(L.shape[0], n, dtype=torch.int64).scatter_add_(1, L, torch.ones_like(L))
+
+
+def _rank_within(keys: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """For every element, its rank among the elements of the same key, by ascending score
+    (ties: the earlier element first). keys, score: (M,)."""
+    order = torch.argsort(score, stable=True)
+    idx = order[torch.argsort(keys[order], stable=True)]  # grouped by key, by score within a key
+    ks = keys[idx]
+    at = torch.arange(ks.numel())
+    start = torch.ones_like(ks, dtype=torch.bool)
+    start[1:] = ks[1:] != ks[:-1]
+    first = torch.cummax(torch.where(start, at, torch.zeros_like(at)), 0).values
+    rank = torch.empty_like(at)
+    rank[idx] = at - first
+    return rank
+
+
+def _capped_choice(cost, cand, slot, L, cap_n: int, n_bank: int) -> torch.Tensor:
+    """One half-sweep's new candidate slots under the share cap (module docstring).
+
+    cost, cand (B, P, k): the energies and global photos of the candidates at this half's P
+    positions; slot (B, P): their current slots; L (B, hw): every position's current photo.
+    The positions of one half have no neighbour among themselves, so each accepted change
+    lowers the energy on its own; the cap decides which changes are accepted."""
+    B, P, k = cost.shape
+    counts = _counts(L, n_bank)  # (B, n_bank), before this half-sweep
+    cur = cand.gather(2, slot[..., None])[..., 0]  # (B, P) current photo
+    cnt_c = counts.gather(1, cand.reshape(B, -1)).reshape(B, P, k)
+    cnt_cur = counts.gather(1, cur)  # (B, P)
+    is_cur = torch.arange(k).view(1, 1, k) == slot[..., None]
+    allowed = is_cur | (cnt_c < cap_n)  # join a photo only while it has room
+    must_leave = (cnt_cur > cap_n)[..., None] & is_cur
+    leave_ok = (allowed & ~must_leave).any(2, keepdim=True)
+    allowed = torch.where(leave_ok, allowed & ~must_leave, allowed)
+    choice = cost.masked_fill(~allowed, float("inf")).argmin(2)  # (B, P)
+    new = cand.gather(2, choice[..., None])[..., 0]
+    delta = cost.gather(2, choice[..., None])[..., 0] - cost.gather(2, slot[..., None])[..., 0]
+    bidx = torch.arange(B).view(B, 1).expand(B, P)
+    # joins: at most the photo's room, the largest gains first
+    moved = new != cur
+    if moved.any():
+        keys = (bidx * n_bank + new)[moved]
+        rank = _rank_within(keys, delta[moved])
+        room = (cap_n - counts.gather(1, new))[moved]
+        keep = torch.zeros_like(moved)
+        keep[moved] = rank < room
+        revert = moved & ~keep
+        choice = torch.where(revert, slot, choice)
+        new = torch.where(revert, cur, new)
+    # forced leaves: exactly as many as the photo is over its cap, the cheapest first
+    forced = (new != cur) & (cnt_cur > cap_n) & (delta > 0)
+    if forced.any():
+        keys = (bidx * n_bank + cur)[forced]
+        rank = _rank_within(keys, delta[forced])
+        excess = (cnt_cur - cap_n)[forced]
+        keep = torch.zeros_like(forced)
+        keep[forced] = rank < excess
+        choice = torch.where(forced & ~keep, slot, choice)
+    return choice
 
 
 def gather(bank: torch.Tensor, provenance: torch.Tensor) -> torch.Tensor:
