@@ -89,6 +89,9 @@ def add_arguments(p) -> None:
                    help="an earlier quality JSON whose rows named by --carry are reused, not recomputed (for rows "
                         "whose code and seed did not change; marked in the table)")
     p.add_argument("--carry", default="", help="comma-separated methods to take from --carry-over")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra LR-GMM-NN row with the copy guard on and these GeneratorConfig settings, e.g. "
+                        "cap-s1:share_cap=0.5,seam_weight=1.0 (repeatable; name it in --methods or it is added)")
     from ..cli.main import add_dask_option
 
     add_dask_option(p, "encode the photos, decode the faces and take their Inception features")
@@ -127,6 +130,13 @@ def _run(args, client) -> int:
 
     proto = PROTOCOLS[args.protocol]
     methods = [m for m in args.methods.split(",") if m]
+    for name, overrides in parse_variants(args.variant).items():
+        GENERATOR_ROWS[name] = ("lrgmm-nn", overrides, True)
+        LABELS[name] = "LR-GMM-NN + copy guard, " + ", ".join(f"{k} {v}" for k, v in overrides.items())
+        if name not in METHODS:
+            globals()["METHODS"] = METHODS + (name,)
+        if name not in methods:
+            methods.append(name)
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -210,7 +220,8 @@ def _run(args, client) -> int:
     carry = {m for m in args.carry.split(",") if m}
     for method in methods:
         done = partial / f"{method}.json"
-        saved = _resumed(done, run_key) if args.resume else None
+        row_key = dict(run_key, overrides=GENERATOR_ROWS[method][1]) if method in GENERATOR_ROWS else run_key
+        saved = _resumed(done, row_key) if args.resume else None
         if method in carry and carried is not None and method in carried["results"]:
             row = dict(carried["results"][method])
             row["carried_over_from"] = carried["machine"].get("date")
@@ -305,7 +316,7 @@ def _run(args, client) -> int:
         with atomic_path(partial / f"{method}-sheet.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, sheet[-1], allow_pickle=False)
-        atomic_write_text(done, json.dumps({"run": run_key, "row": _jsonable(row)}, default=float))
+        atomic_write_text(done, json.dumps({"run": row_key, "row": _jsonable(row)}, default=float))
         print(f"  {method}: FID {row['fid']:.2f}  ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
 
     doc = {"machine": info, "protocol": proto.__dict__, "results": results, "timing": timing,
@@ -357,6 +368,39 @@ def _dask_features(latents, ae, inc, client, batch: int):
 
     return features(latents, autoencoder=ae, inception=inc, client=client, chunk_size=batch, bar=True,
                     desc="decode and features")
+
+
+def parse_variants(specs) -> dict:
+    """--variant NAME:KEY=VALUE,... -> {NAME: {KEY: value}}; values are JSON (numbers, null,
+    true/false) or plain strings; the keys must be GeneratorConfig fields."""
+    import dataclasses
+
+    from ..latent.generator import GeneratorConfig
+
+    fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    out = {}
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        if not sep or not name or not rest:
+            raise SystemExit(f"--variant {spec!r}: write NAME:KEY=VALUE[,KEY=VALUE], e.g. cap:share_cap=0.5")
+        if name in METHODS and name not in out:
+            raise SystemExit(f"--variant {spec!r}: {name!r} is a built-in method; choose another name")
+        over = {}
+        for kv in rest.split(","):
+            k, eq, v = kv.partition("=")
+            if not eq or k not in fields:
+                raise SystemExit(f"--variant {spec!r}: {kv!r} is not KEY=VALUE with KEY one of the GeneratorConfig "
+                                 f"fields ({', '.join(sorted(fields))})")
+            try:
+                over[k] = json.loads(v)
+            except ValueError:
+                over[k] = v
+        try:
+            dataclasses.replace(GeneratorConfig(), **over)
+        except Exception as e:  # the config's own validation names the bad value
+            raise SystemExit(f"--variant {spec!r}: {e}") from None
+        out[name] = over
+    return out
 
 
 def _variant(gen, overrides: dict):
