@@ -15,7 +15,7 @@ def test_variants_parse_to_generator_settings():
     ("cap", "NAME:KEY=VALUE"),
     ("cap:share_kap=0.5", "GeneratorConfig"),
     ("cap:share_cap=2", "max_share"),
-    ("cap:refinement=paper,share_cap=0.5", "seam"),
+    ("cap:sweeps=-1", "sweeps"),
     (f"{METHODS[0]}:share_cap=0.5", "built-in"),
 ])
 def test_bad_variants_are_refused_with_the_reason(spec, needle):

@@ -116,7 +116,7 @@ def test_the_share_cap_makes_faces_under_the_bound_and_the_guard_catches_what_it
     """With share_cap the seam refinement builds faces under the guard's share bound, so the
     guard redraws none of the crowd's faces for their share; a lone photo's component has no
     second photo to take pixels from, so its faces stay copies and the guard still redraws them."""
-    free, _ = _model_with_a_singleton(refinement="seam", rank_temperature=0.02)
+    free, _ = _model_with_a_singleton(refinement="seam", rank_temperature=0.02, share_cap=None)
     capped, lone_k = _model_with_a_singleton(refinement="seam", rank_temperature=0.02, share_cap=0.5)
     off = free.sample_latents(200, seed=4, guard=None)
     crowd = off.components != lone_k

@@ -27,16 +27,16 @@ import torch
 
 from .machine import describe, print_table
 
-METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-noguard", "lrgmm-nn", "lrgmm-nn-cap",
+METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-noguard", "lrgmm-nn-nocap", "lrgmm-nn",
            "latentpatch", "ae-recon")
 LABELS = {
     "gaussian": "standard Gaussian prior",
     "nn": "NN step alone (paper rule)",
     "lrgmm": "LR-GMM",
     "lrgmm-nn-paper": "LR-GMM-NN, paper rule (Eq. 5), no guard",
-    "lrgmm-nn-noguard": "LR-GMM-NN, seam rule, no guard",
-    "lrgmm-nn": "LR-GMM-NN default (seam rule + copy guard)",
-    "lrgmm-nn-cap": "LR-GMM-NN, seam rule with share cap 0.5 + copy guard",
+    "lrgmm-nn-noguard": "LR-GMM-NN, seam rule, no share cap, no guard",
+    "lrgmm-nn-nocap": "LR-GMM-NN, seam rule, no share cap, copy guard (redraws)",
+    "lrgmm-nn": "LR-GMM-NN default (seam rule, share cap 0.5, copy guard)",
     "latentpatch": "LatentPatch",
     "ae-recon": "AE reconstructions (ceiling)",
 }
@@ -47,24 +47,43 @@ GENERATOR_ROWS = {
     "nn": ("nn", {"refinement": "paper"}, False),
     "lrgmm": ("lrgmm", {}, False),
     "lrgmm-nn-paper": ("lrgmm-nn", {"refinement": "paper"}, False),
-    "lrgmm-nn-noguard": ("lrgmm-nn", {}, False),
+    "lrgmm-nn-noguard": ("lrgmm-nn", {"share_cap": None}, False),
+    "lrgmm-nn-nocap": ("lrgmm-nn", {"share_cap": None}, True),
     "lrgmm-nn": ("lrgmm-nn", {}, True),
-    "lrgmm-nn-cap": ("lrgmm-nn", {"share_cap": 0.5}, True),
 }
 
 
 @dataclass(frozen=True)
 class Protocol:
+    """A quality protocol. celeba-10k protocols ("numbered") train on photos 1..train, take the
+    held-out photos from train+1..5000 and the reference from 5001..10000 (file numbers).
+    Other datasets ("shuffled") split the sorted files by a fixed permutation (split_seed, part
+    of the protocol, not of the run's --seed): the first ``train`` files train, the next
+    ``held`` are held out, the next ``reference`` are the FID reference. size: the working
+    image size (photos are loaded, generated and compared at it)."""
+
     name: str
     train: int
     components: int | None
     rank_temperature: float
+    dataset: str = "celeba-10k"
+    size: int = 128
+    split: str = "numbered"
+    held: int = 0
+    reference: int = 0
+    split_seed: int = 0
 
 
 PROTOCOLS = {
     "celeba-1k": Protocol("celeba-1k", 1024, None, 0.12),
     "celeba-32": Protocol("celeba-32", 32, 1, 0.003),
     "celeba-5k": Protocol("celeba-5k", 5000, None, 0.12),
+    # celeba-10k photos are 89 x 109, too small for 256 px; utkface's are 200 x 200 (celeba-id's
+    # 178 x 218 hold only 160 people). The same split at 128 and 256 px compares the two sizes.
+    "utkface-1k": Protocol("utkface-1k", 1024, None, 0.12, dataset="utkface", split="shuffled", held=1000,
+                           reference=5000),
+    "utkface-1k-256": Protocol("utkface-1k-256", 1024, None, 0.12, dataset="utkface", size=256, split="shuffled",
+                               held=1000, reference=5000),
 }
 REF_FIRST, REF_LAST = 5001, 10000
 
@@ -97,13 +116,35 @@ def add_arguments(p) -> None:
     add_dask_option(p, "encode the photos, decode the faces and take their Inception features")
 
 
-def _data_dir(args) -> Path:
+def _data_dir(args, proto=None) -> Path:
     from ..cli.main import _default_demo_data
 
-    data = args.data or _default_demo_data()
+    if args.data is not None:
+        return args.data
+    if proto is not None and proto.dataset != "celeba-10k":
+        from .machine import datasets_dir
+
+        return datasets_dir(None, needs=f"{proto.dataset}/") / proto.dataset / "images"
+    data = _default_demo_data()
     if data is None:
         raise SystemExit("no data: pass --data (the celeba-10k images folder)")
     return data
+
+
+def split_indices(n_files: int, proto) -> tuple[list[int], list[int], list[int]]:
+    """A shuffled protocol's (train, held-out, reference) file indices into the sorted files."""
+    need = proto.train + proto.held + proto.reference
+    if n_files < need:
+        raise SystemExit(f"protocol {proto.name} needs {need} photos of {proto.dataset}, the folder has {n_files}")
+    perm = torch.randperm(n_files, generator=torch.Generator().manual_seed(proto.split_seed)).tolist()
+    t, h = proto.train, proto.train + proto.held
+    return perm[:t], perm[t:h], perm[h:need]
+
+
+def _latent_cache():
+    from ..data import LatentCache
+
+    return LatentCache()
 
 
 def _encode_range(data, first, last, ae, client=None):
@@ -140,41 +181,63 @@ def _run(args, client) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    data = _data_dir(args)
+    data = _data_dir(args, proto)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    numbered = proto.split == "numbered"
     info = describe({"protocol": proto.name, "seed": args.seed, "generated per method": args.n,
                      "held-out photos (memorization)": args.held_n or "up to -n",
-                     "train photos": proto.train, "reference photos": f"{REF_FIRST:06d}-{REF_LAST:06d}"})
+                     "train photos": proto.train,
+                     "reference photos": f"{REF_FIRST:06d}-{REF_LAST:06d}" if numbered else
+                     f"{proto.reference} of {proto.dataset} (split seed {proto.split_seed})",
+                     "image size": proto.size, "dataset": proto.dataset})
 
     ae = TAEF2.load()
     inc = InceptionFeatures.load()
     timing = {}
 
     # ---------------------------------------------------------------- data and reference features
+    from ..data import FaceFolder
+
     t0 = time.perf_counter()
-    all_ls, _ = _encode_range(data, 1, REF_LAST, ae, client)
+    if numbered:
+        all_ls, _ = _encode_range(data, 1, REF_LAST, ae, client)
+        lat_all = all_ls.latents
+        names = [int(Path(r).stem) for r in all_ls.relpaths]
+        pos = {n: i for i, n in enumerate(names)}
+        train_idx = [pos[i] for i in range(1, proto.train + 1) if i in pos]
+        ref_idx = [pos[i] for i in range(REF_FIRST, REF_LAST + 1) if i in pos][: args.reference_n]
+        held_idx = [pos[i] for i in range(proto.train + 1, REF_FIRST) if i in pos][: min(args.n, args.held_n or args.n)]
+        folder = FaceFolder(data, size=128, limit=REF_LAST)
+        folder_of = [pos_to_folder(folder, all_ls, i) for i in range(len(all_ls.relpaths))]
+        lat_relpaths, lat_hashes = all_ls.relpaths, all_ls.content_hashes
+    else:
+        from ..data import encode_files
+        from ..io import sha256_file
+
+        folder = FaceFolder(data, size=proto.size)
+        f_train, f_held, f_ref = split_indices(len(folder.paths), proto)
+        f_held = f_held[: min(args.n, args.held_n or args.n)]
+        f_ref = f_ref[: args.reference_n]
+        folder_of = f_train + f_held + f_ref  # latent row -> folder index
+        lat_all = encode_files([folder.paths[i] for i in f_train + f_held], ae, size=proto.size,
+                               cache=_latent_cache())
+        train_idx = list(range(len(f_train)))
+        held_idx = list(range(len(f_train), len(f_train) + len(f_held)))
+        ref_idx = list(range(len(f_train) + len(f_held), len(folder_of)))  # no latents: features only
+        lat_relpaths = [folder.relpaths[i] for i in folder_of]
+        lat_hashes = [sha256_file(folder.paths[i]) for i in f_train]
     timing["encode all photos (cache)"] = time.perf_counter() - t0
-    lat_all = all_ls.latents
-    names = [int(Path(r).stem) for r in all_ls.relpaths]
-    pos = {n: i for i, n in enumerate(names)}
-    train_idx = [pos[i] for i in range(1, proto.train + 1) if i in pos]
-    ref_idx = [pos[i] for i in range(REF_FIRST, REF_LAST + 1) if i in pos][: args.reference_n]
-    held_idx = [pos[i] for i in range(proto.train + 1, REF_FIRST) if i in pos][: min(args.n, args.held_n or args.n)]
     held_is_ref = not held_idx
     if held_is_ref:
         held_idx = ref_idx
 
-    from ..data import FaceFolder
-
-    folder = FaceFolder(data, size=128, limit=REF_LAST)
-
     class _Sub:  # the training LatentSet restricted to the protocol's photos
         latents = lat_all[train_idx]
-        relpaths = [all_ls.relpaths[i] for i in train_idx]
-        content_hashes = [all_ls.content_hashes[i] for i in train_idx]
+        relpaths = [lat_relpaths[i] for i in train_idx]
+        content_hashes = [lat_hashes[i] for i in train_idx]
         data_hash = ""
-        image_size = 128
+        image_size = proto.size
         root = str(data)
 
     t0 = time.perf_counter()
@@ -184,7 +247,7 @@ def _run(args, client) -> int:
     t0 = time.perf_counter()
     lp = LatentPatch().fit(_Sub.latents)
     t_lp_fit = time.perf_counter() - t0
-    speed = _speed(gen, lp, ae, folder, [pos_to_folder(folder, all_ls, i) for i in held_idx[:64]], args)
+    speed = _speed(gen, lp, ae, folder, [folder_of[i] for i in held_idx[:64]], args)
     speed["setup"].update({"LR-GMM-NN projector P0 (s)": gen.provenance_["fit_seconds"]["projector"],
                            "LR-GMM-NN mixture (k-means + EM) (s)": gen.provenance_["fit_seconds"]["mixture"],
                            "LR-GMM-NN fit total (s)": t_fit, "LatentPatch fit (s)": t_lp_fit})
@@ -195,14 +258,14 @@ def _run(args, client) -> int:
         from .taming import cached_features
 
         t = time.perf_counter()
-        feats = cached_features([folder.paths[i] for i in indices], inc, args.batch)
+        feats = cached_features([folder.paths[i] for i in indices], inc, args.batch, size=proto.size)
         print(f"  features of {len(indices)} {tag} photos ({time.perf_counter() - t:.0f} s)", flush=True)
         return feats
 
     t0 = time.perf_counter()
-    ref_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in ref_idx], "reference")
-    train_feat = photo_features([pos_to_folder(folder, all_ls, i) for i in train_idx], "training")
-    held_feat = ref_feat if held_is_ref else photo_features([pos_to_folder(folder, all_ls, i) for i in held_idx], "held-out")
+    ref_feat = photo_features([folder_of[i] for i in ref_idx], "reference")
+    train_feat = photo_features([folder_of[i] for i in train_idx], "training")
+    held_feat = ref_feat if held_is_ref else photo_features([folder_of[i] for i in held_idx], "held-out")
     timing["inception on real photos"] = time.perf_counter() - t0
 
     train_lat_flat = _Sub.latents.reshape(len(train_idx), -1).float()

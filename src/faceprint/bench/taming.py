@@ -83,10 +83,10 @@ class _Photos:
         self.latents = torch.cat(lat)
 
 
-def _images(files):
+def _images(files, size: int = 128):
     from ..data.folder import load_image
 
-    return torch.stack([load_image(f, 128) for f in files])
+    return torch.stack([load_image(f, size) for f in files])
 
 
 def _generate(gen, n, seed, batch, inc=None, rec=None):
@@ -113,19 +113,19 @@ def _quality(F, ref):
     return {"fid": float(fid(F, ref)), "precision": float(pr.precision), "recall": float(pr.recall)}
 
 
-def cached_features(files, inc, batch):
-    """Inception features of photo files (128 px), kept in the user's feature cache (outside
-    the repository: they derive from the photos) under the files' content key."""
+def cached_features(files, inc, batch, size: int = 128):
+    """Inception features of photo files loaded at ``size`` px, kept in the user's feature cache
+    (outside the repository: they derive from the photos) under the files' content key."""
     from ..metrics.inception import FeatureCache, files_key
 
     cache = FeatureCache()
-    key = files_key(files, recipe="load_image-128")
+    key = files_key(files, recipe=f"load_image-{size}")
     hit = cache.get(key, inc.id)
     if hit is not None:
         return hit.astype(np.float64)
     out = []
     for s in range(0, len(files), batch):
-        out.append(inc.features(_images(files[s:s + batch])))
+        out.append(inc.features(_images(files[s:s + batch], size)))
     feats = np.concatenate(out)
     cache.put(key, inc.id, feats)
     return feats

@@ -197,7 +197,6 @@ class NNRefiner:
         photo indices. Returns the chosen global indices (B, hw)."""
         B, hw, k = cand.shape
         bank = self.bank_
-        C = bank.shape[1]
         beta = float(self.config.seam_weight)
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         ys, xs = ys.reshape(-1), xs.reshape(-1)  # (hw,)
