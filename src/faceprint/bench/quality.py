@@ -16,6 +16,7 @@ celeba-5k there are none left, so the reference set itself serves (marked in the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -283,7 +284,9 @@ def _run(args, client) -> int:
     carry = {m for m in args.carry.split(",") if m}
     for method in methods:
         done = partial / f"{method}.json"
-        row_key = dict(run_key, overrides=GENERATOR_ROWS[method][1]) if method in GENERATOR_ROWS else run_key
+        # a generator row's key holds its effective settings, so a row made under other defaults is redone
+        row_key = (dict(run_key, config=dataclasses.asdict(_variant(gen, GENERATOR_ROWS[method][1]).config))
+                   if method in GENERATOR_ROWS else run_key)
         saved = _resumed(done, row_key) if args.resume else None
         if method in carry and carried is not None and method in carried["results"]:
             row = dict(carried["results"][method])
@@ -672,10 +675,12 @@ def _plot_pareto(doc, methods, path, name):
         pts.append((mi["share_below_quantile"], r["fid"], LABELS[m]))
     if not pts:
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for x, y, label in pts:
-        ax.plot(x, y, "o")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    # numbers beside the points, names in the legend: close points keep readable labels
+    for i, (x, y, label) in enumerate(pts):
+        ax.plot(x, y, "o", label=f"{i + 1}: {label} ({y:.1f})")
+        ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(4 + 7 * (i % 2), 3 - 9 * (i % 2)),
+                    fontsize=8)
     front = sorted(pts)
     best, line = float("inf"), []
     for x, y, _ in front:
@@ -689,12 +694,12 @@ def _plot_pareto(doc, methods, path, name):
     ax.set_xlabel("copy rate: faces closer to a training photo than 95% of held-out photos")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(f"Quality against copying ({name}, {doc['machine'].get('generated per method')} faces per row)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.14), ncol=1, frameon=False)
     fig.tight_layout()
     from ..io import atomic_path
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
