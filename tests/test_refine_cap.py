@@ -92,3 +92,21 @@ def test_cap_errors():
         RefineConfig(mode="seam", max_share=1.5)
     with pytest.raises(ConfigError, match="seam"):
         RefineConfig(mode="paper", max_share=0.5)
+
+
+def test_a_face_that_cannot_be_capped_does_not_change_its_neighbours_in_the_batch():
+    """A component of one photo cannot satisfy the cap; its repair stops when a sweep changes
+    nothing, and the other faces of the batch get no extra sweeps because of it."""
+    g = torch.Generator().manual_seed(6)
+    bank = torch.randn(30, 4, 8, 8, generator=g)
+    labels = torch.zeros(30, dtype=torch.int64)
+    labels[7] = 1  # photo 7 alone in component 1
+    z = _near_copies(g, bank, 5, noise=0.3)
+    comps = torch.tensor([0, 1, 0, 0, 1])
+    ref = NNRefiner(RefineConfig(patch_radius=1, mode="seam", candidates=6, seam_weight=0.3,
+                                 max_share=0.3)).fit(bank, labels)
+    _, batch = ref.refine(z, comps)
+    assert (batch[comps == 1] == 7).all()
+    assert (_shares(batch[comps == 0]) <= 0.3 + 1e-12).all()
+    for i in range(5):
+        assert torch.equal(ref.refine(z[i:i + 1], comps[i:i + 1])[1][0], batch[i])

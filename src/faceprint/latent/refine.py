@@ -223,14 +223,20 @@ class NNRefiner:
         cap_n = None if cap is None else max(1, int(math.floor(cap * hw + 1e-9)))
         n_bank = bank.shape[0]
         sweep = 0
+        active = torch.ones(B, dtype=torch.bool)  # faces the sweeps still update
         while True:
+            before = None
             if sweep >= self.config.sweeps:
-                # repair sweeps (capped only): until every face is within the cap, bounded
+                # repair sweeps (capped only), for the faces still over the cap, until they are
+                # within it or a sweep changes nothing (a component of one photo cannot be capped);
+                # each face's decision is its own, so a face is the same alone or in a batch
                 if cap_n is None or sweep >= self.config.sweeps + 2 * hw:
                     break
                 L = cand.gather(2, label[..., None])[..., 0]
-                if int(_counts(L, n_bank).max()) <= cap_n:
+                active &= _counts(L, n_bank).max(1).values > cap_n
+                if not active.any():
                     break
+                before = label.clone()
             sweep += 1
             for pos, un, own_c, at_nb_c, nb_c, ok_c in halves:
                 L = cand.gather(2, label[..., None])[..., 0]  # (B, hw) global photo per position
@@ -245,7 +251,10 @@ class NNRefiner:
                 if cap_n is None:
                     label[:, pos] = cost.argmin(2)
                 else:
-                    label[:, pos] = _capped_choice(cost, cand[:, pos], label[:, pos], L, cap_n, n_bank)
+                    new = _capped_choice(cost, cand[:, pos], label[:, pos], L, cap_n, n_bank)
+                    label[:, pos] = torch.where(active[:, None], new, label[:, pos])
+            if before is not None:
+                active &= (label != before).any(1)
         return cand.gather(2, label[..., None])[..., 0]
 
     def _member_bank(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
