@@ -272,7 +272,8 @@ def test_edited_faces_are_read_against_an_edited_reference(keyed_owner, celeba_d
     edited = BaseIndex(base.bank_, ae, secret).residuals(xh)
     plain = BaseIndex(base.bank_, ae, secret, edits=("none",)).residuals(xh)
     se, sp = edited.scores(secret, [alice.code])[:, 0], plain.scores(secret, [alice.code])[:, 0]
-    assert edited.edit == ["half"] * len(x), edited.edit
+    # the edit is chosen by match distance, without the pattern: most faces, not always all, pick "half"
+    assert edited.edit.count("half") >= len(x) - 1, edited.edit
     assert BaseIndex(base.bank_, ae, secret).residuals(x).edit.count("none") >= len(x) - 1
     assert float(se.median()) > 1.15 * float(sp.median()), (se, sp)
     real = torch.stack([load_image(p, 128) for p in sorted(celeba_dir.iterdir())[500:524]])
