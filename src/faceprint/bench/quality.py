@@ -172,16 +172,16 @@ def _run(args, client) -> int:
 
     proto = PROTOCOLS[args.protocol]
     methods = [m for m in args.methods.split(",") if m]
+    # this run's generator rows and labels: the built-in ones plus --variant rows (the module's tables stay as they are)
+    gen_rows, labels = dict(GENERATOR_ROWS), dict(LABELS)
     for name, overrides in parse_variants(args.variant).items():
-        GENERATOR_ROWS[name] = ("lrgmm-nn", overrides, True)
-        LABELS[name] = "LR-GMM-NN + copy guard, " + ", ".join(f"{k} {v}" for k, v in overrides.items())
-        if name not in METHODS:
-            globals()["METHODS"] = METHODS + (name,)
+        gen_rows[name] = ("lrgmm-nn", overrides, True)
+        labels[name] = "LR-GMM-NN + copy guard, " + ", ".join(f"{k} {v}" for k, v in overrides.items())
         if name not in methods:
             methods.append(name)
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in labels:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)} or name a --variant")
     data = _data_dir(args, proto)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -285,8 +285,8 @@ def _run(args, client) -> int:
     for method in methods:
         done = partial / f"{method}.json"
         # a generator row's key holds its effective settings, so a row made under other defaults is redone
-        row_key = (dict(run_key, config=dataclasses.asdict(_variant(gen, GENERATOR_ROWS[method][1]).config))
-                   if method in GENERATOR_ROWS else run_key)
+        row_key = (dict(run_key, config=dataclasses.asdict(_variant(gen, gen_rows[method][1]).config))
+                   if method in gen_rows else run_key)
         saved = _resumed(done, row_key) if args.resume else None
         if method in carry and carried is not None and method in carried["results"]:
             row = dict(carried["results"][method])
@@ -298,7 +298,7 @@ def _run(args, client) -> int:
             elif method == "ae-recon":
                 z = lat_all[held_idx[:10]].float()
             else:
-                g_method, g_over, g_guard = GENERATOR_ROWS[method]
+                g_method, g_over, g_guard = gen_rows[method]
                 from ..latent.generator import DEFAULT_GUARD
 
                 z = _variant(gen, g_over).sample_latents(10, seed=args.seed, method=g_method,
@@ -324,7 +324,7 @@ def _run(args, client) -> int:
             elif method == "ae-recon":
                 z = lat_all[held_idx[s:s + m]].float()
             else:
-                g_method, g_over, g_guard = GENERATOR_ROWS[method]
+                g_method, g_over, g_guard = gen_rows[method]
                 g = _variant(gen, g_over)
                 from ..latent.generator import DEFAULT_GUARD
 
@@ -359,7 +359,7 @@ def _run(args, client) -> int:
         L = torch.cat(lats)
         row = {"n": n, "ms_per_image_latent": t_samp / n * 1000, "ms_per_image_decode": t_dec / n * 1000,
                "ms_per_image_inception": t_feat / n * 1000}
-        if method in GENERATOR_ROWS:
+        if method in gen_rows:
             # faces over the copy guard's default bound (shipped by this row), and faces it redrew
             row["over_guard"] = over_guard
             row["redrawn"] = redrawn
@@ -385,7 +385,7 @@ def _run(args, client) -> int:
         atomic_write_text(done, json.dumps({"run": row_key, "row": _jsonable(row)}, default=float))
         print(f"  {method}: FID {row['fid']:.2f}  ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
 
-    doc = {"machine": info, "protocol": proto.__dict__, "results": results, "timing": timing,
+    doc = {"machine": info, "protocol": proto.__dict__, "results": results, "timing": timing, "labels": labels,
            "speed": speed, "held_out_is_reference": held_is_ref}
 
     # ---------------------------------------------------------------- lambda sweep
@@ -616,7 +616,7 @@ def _table_rows(doc, methods):
         r = doc["results"].get(m)
         if r is None:
             continue
-        rows.append([LABELS[m] + (" (earlier run)" if r.get("carried_over_from") else ""), r["n"], f"{r['fid']:.2f}", f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}",
+        rows.append([doc.get("labels", LABELS).get(m, m) + (" (earlier run)" if r.get("carried_over_from") else ""), r["n"], f"{r['fid']:.2f}", f"{r['kid'] * 1000:.2f} ± {r['kid_std'] * 1000:.2f}",
                      f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['density']:.3f}", f"{r['coverage']:.3f}",
                      *_mem_cells(r), _fmt(r.get("over_guard"), 0), _fmt(r.get("redrawn"), 0),
                      f"{r['ms_per_image_latent']:.2f}", f"{r['ms_per_image_decode']:.2f}"])
@@ -672,7 +672,7 @@ def _plot_pareto(doc, methods, path, name):
         mi = (r or {}).get("memorization_inception") or {}
         if r is None or mi.get("share_below_quantile") is None or r["fid"] > 200:
             continue
-        pts.append((mi["share_below_quantile"], r["fid"], LABELS[m]))
+        pts.append((mi["share_below_quantile"], r["fid"], doc.get("labels", LABELS).get(m, m)))
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(8, 6))
