@@ -75,9 +75,10 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="NN projection iterations (default 1)")
     g.add_argument("--copy", choices=("full", "projected"), default="full",
                    help="refinement copies the full latent feature or its PCA projection (default full)")
-    g.add_argument("--refinement", choices=("seam", "paper"), default="seam",
+    g.add_argument("--refinement", choices=("seam", "paper", "guided"), default="seam",
                    help="seam: neighbouring latent pixels are chosen jointly so the collage has no visible seams "
-                        "(default); paper: each pixel independently (papers/000 Eq. 5)")
+                        "(default); paper: each pixel independently (papers/000 Eq. 5); guided: blocks copied "
+                        "coarse to fine, guided by the sample")
     g.add_argument("--seam-weight", type=_number(float, 0.0, False, "a non-negative number"), default=None,
                    help="weight of the seam cost against the patch cost (default: the model's)")
     g.add_argument("--em", choices=("auto", "exact", "fast"), default="auto",

@@ -59,9 +59,10 @@ class GeneratorConfig:
     rank_temperature: lambda in d_k = floor(lambda pi_k d0).  patch_radius: rho of the NN
     patches.  iterations: NN projections.  reg_covar: r added to each covariance.
     copy: "full" or "projected" (see module docstring).  method: default sampling method.
-    refinement, candidates, seam_weight, sweeps: the NN step's rule (module refine.py).
+    refinement, candidates, seam_weight, sweeps: the NN step's rule (module refine.py);
+    guide_levels, guide_block, guide_weight: the "guided" rule's (levels, block, guide_weight).
     share_cap: at most this share of a face's latent pixels from one photo, enforced inside the
-    seam refinement (the paper's rule ignores it). 0.5, the copy guard's share bound, by default:
+    seam and guided refinements (the paper's rule ignores it). 0.5, the copy guard's share bound, by default:
     faces are built under the bound instead of redrawn (celeba-1k, 1,000 faces: FID 38.4 against
     39.9 for redrawing, docs/results/quality-celeba-1k-cap.md). None: no cap. Models saved
     before the cap existed load with None, so they keep drawing the same faces.
@@ -86,6 +87,9 @@ class GeneratorConfig:
     seam_weight: float = 0.3
     sweeps: int = 4
     share_cap: float | None = 0.5
+    guide_levels: int = 3
+    guide_block: int = 4
+    guide_weight: float = 1.0
 
     def mixture_config(self, n_photos: int) -> MixtureConfig:
         """The EM settings for n_photos: the exact EM, or the scale path (module mixture.py)
@@ -101,7 +105,8 @@ class GeneratorConfig:
     def refine_config(self) -> RefineConfig:
         return RefineConfig(self.patch_radius, self.iterations, mode=self.refinement, candidates=self.candidates,
                             seam_weight=self.seam_weight, sweeps=self.sweeps,
-                            max_share=self.share_cap if self.refinement == "seam" else None)
+                            max_share=self.share_cap if self.refinement in ("seam", "guided") else None,
+                            levels=self.guide_levels, block=self.guide_block, guide_weight=self.guide_weight)
 
     def __post_init__(self):
         if self.components is not None and (isinstance(self.components, bool) or not isinstance(self.components, int)

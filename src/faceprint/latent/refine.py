@@ -13,7 +13,7 @@ batched tensor operations:
 
 j*(b, p) is the provenance map: which training photo each latent pixel was copied from.
 
-Two selection rules (``RefineConfig.mode``):
+Three selection rules (``RefineConfig.mode``):
 
 "paper"  j*(b, p) = argmin_j P[b, j, p] at every position independently (Eq. (5)).
 "seam"   the same patch costs, but the choice at neighbouring positions is made jointly, so that
@@ -43,6 +43,25 @@ Two selection rules (``RefineConfig.mode``):
          as it is over. Extra repair sweeps run until every face is within the cap (or no
          position has an alternative candidate left). The copy guard's share rule then has
          nothing to redraw: the face is made under the bound instead of being thrown away.
+"guided" a coarse-to-fine block synthesis guided by the sample (faceprint's own; LatentPatch's
+         multi-scale raster synthesis, module latentpatch.py, with the sample z in place of its
+         random start). Members and sample are average-pooled into a pyramid of ``levels``
+         scales (s = 0 the coarsest, each halving the grid). Scale by scale, coarse to fine,
+         the grid is cut into ``block`` x ``block`` blocks visited in raster order; each block
+         is copied whole from the member j minimising the sum, over its window (the block grown
+         by ``patch_radius``, clipped), of
+
+             M_s[j, p] = || S_s(p) - Y_j^s(p) ||^2                        p synthesised at s
+                       = M_{s-1}[j, parent(p)] + guide_weight || z^s(p) - Y_j^s(p) ||^2   otherwise
+
+         (M_{-1} = 0), S_s the synthesis so far. The sample's long-range layout (the mixture
+         models it) decides the coarse blocks; the copied blocks' own content then decides how
+         their neighbours continue, so a face is a few coherent pieces with seams matched on
+         both sides. The choice is the nearest, not a random top-k draw: the randomness is the
+         sample's. ``max_share`` applies at the finest scale: a photo takes a block only while
+         the block fits under its cap (when no member has room, as in a component of one
+         photo, the cap cannot hold and is ignored). Provenance stays exact: one photo per
+         finest block.
 """
 
 from __future__ import annotations
@@ -55,7 +74,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError, NotFittedError
 
-REFINE_MODES = ("paper", "seam")
+REFINE_MODES = ("paper", "seam", "guided")
 # the 4-neighbourhood as (dy, dx)
 _DIRS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -64,7 +83,9 @@ _DIRS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 class RefineConfig:
     """patch_radius: rho (patch side omega = 2 rho + 1; the paper's Fig. 1 uses omega = 5).
     iterations: how many times the projection is applied (the paper uses 1).
-    block_elements: memory budget of one distance block, in tensor elements."""
+    block_elements: memory budget of one distance block, in tensor elements.
+    levels, block, guide_weight: the "guided" rule's pyramid scales, block side and weight of
+    the sample in the distance (module docstring)."""
 
     patch_radius: int = 2
     iterations: int = 1
@@ -74,10 +95,13 @@ class RefineConfig:
     seam_weight: float = 1.0
     sweeps: int = 4
     max_share: float | None = None
+    levels: int = 3
+    block: int = 4
+    guide_weight: float = 1.0
 
     def __post_init__(self):
         for name, lo in (("patch_radius", 0), ("iterations", 0), ("block_elements", 1), ("candidates", 1),
-                         ("sweeps", 0)):
+                         ("sweeps", 0), ("levels", 1), ("block", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -86,13 +110,16 @@ class RefineConfig:
         if not (isinstance(self.seam_weight, (int, float)) and not isinstance(self.seam_weight, bool)
                 and 0 <= self.seam_weight < 1e6):
             raise ConfigError(f"seam_weight must be a number in [0, 1e6), got {self.seam_weight!r}")
+        g = self.guide_weight
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0:
+            raise ConfigError(f"guide_weight must be a finite number > 0, got {g!r}; the default is 1.0")
         if self.max_share is not None:
             if not (isinstance(self.max_share, (int, float)) and not isinstance(self.max_share, bool)
                     and 0 < self.max_share <= 1):
                 raise ConfigError(f"max_share must be None or a number in (0, 1], got {self.max_share!r}")
-            if self.mode != "seam":
-                raise ConfigError("max_share needs the seam refinement (mode 'seam'); the paper's rule has no "
-                                  "joint labelling to constrain")
+            if self.mode == "paper":
+                raise ConfigError("max_share needs the seam or guided refinement; the paper's rule chooses every "
+                                  "position on its own, with nothing to constrain")
 
 
 class NNRefiner:
@@ -113,6 +140,11 @@ class NNRefiner:
         if self.config.patch_radius >= max(bank.shape[2], bank.shape[3]):
             raise ConfigError(f"patch_radius {self.config.patch_radius} is not smaller than the latent grid "
                               f"{bank.shape[2]}x{bank.shape[3]}; use a smaller patch radius")
+        f = 2 ** (self.config.levels - 1)
+        if self.config.mode == "guided" and (bank.shape[2] % f or bank.shape[3] % f):
+            raise ConfigError(f"the guided refinement halves the {bank.shape[2]}x{bank.shape[3]} latent grid "
+                              f"{self.config.levels - 1} times, so its sides must be divisible by {f}; "
+                              "use fewer levels")
         if labels is None:
             labels = torch.zeros(bank.shape[0], dtype=torch.int64)
         labels = torch.as_tensor(labels).long()
@@ -123,6 +155,8 @@ class NNRefiner:
         self._members = {int(k): torch.nonzero(labels == k).squeeze(1) for k in torch.unique(labels)}
         self._sq = {}
         self._pix = None
+        self._pyr = {}
+        self._plan = None
         return self
 
     def _pixels(self) -> torch.Tensor:
@@ -163,6 +197,8 @@ class NNRefiner:
 
     def _nearest(self, q: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """Global index of the chosen member for every query position: (b, h, w)."""
+        if self.config.mode == "guided":
+            return self._guided(q, members)
         b, c, h, w = q.shape
         rho = self.config.patch_radius
         n = members.numel()
@@ -256,6 +292,78 @@ class NNRefiner:
             if before is not None:
                 active &= (label != before).any(1)
         return cand.gather(2, label[..., None])[..., 0]
+
+    def _guided(self, q: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """The "guided" rule (module docstring): the chosen global photo per position, (b, h, w)."""
+        b, c, h, w = q.shape
+        cfg = self.config
+        n = members.numel()
+        if self._plan is None:
+            from .latentpatch import _plan
+
+            self._plan = _plan(h, w, cfg.levels, cfg.block, cfg.patch_radius, guided=True)
+        plan = self._plan
+        pyr = self._member_pyramid(members)
+        g = float(cfg.guide_weight)
+        cap_n = None if cfg.max_share is None else max(1, int(math.floor(cfg.max_share * h * w + 1e-9)))
+        out = torch.empty(b, h * w, dtype=torch.int64)
+        step = max(1, cfg.block_elements // max(2 * n * h * w, 1))
+        for s0 in range(0, b, step):
+            zq = q[s0:s0 + step].float()
+            bb = zq.shape[0]
+            rows = torch.arange(bb)
+            M = None
+            for s, level in enumerate(plan):
+                f = 2 ** (cfg.levels - 1 - s)
+                zs = F.avg_pool2d(zq, f) if f > 1 else zq
+                Y, y2 = pyr[s]  # (P, c, n), (P, 1, n)
+                Q = zs.reshape(bb, c, -1).permute(2, 0, 1)  # (P, bb, c)
+                G = ((Q * Q).sum(2, keepdim=True) + y2 - 2 * torch.bmm(Q, Y)).clamp_min_(0)  # (P, bb, n)
+                if M is None:
+                    M = g * G
+                else:
+                    hp, wp = plan[s - 1]["shape"]
+                    hs, ws = level["shape"]
+                    up = M.reshape(hp, 1, wp, 1, bb, n).expand(hp, 2, wp, 2, bb, n).reshape(hs * ws, bb, n)
+                    M = up + g * G
+                finest = s == len(plan) - 1
+                counts = torch.zeros(bb, n, dtype=torch.int64) if finest and cap_n is not None else None
+                prov = torch.empty(len(M), bb, dtype=torch.int64)
+                for blk, win in zip(level["blocks"], level["windows"]):
+                    dist = M[win].sum(0)  # (bb, n)
+                    if counts is not None:
+                        full = counts + blk.numel() > cap_n
+                        full &= ~full.all(1, keepdim=True)  # no member has room: the cap cannot hold
+                        dist = dist.masked_fill(full, float("inf"))
+                    choice = dist.argmin(1)  # (bb,)
+                    if counts is not None:
+                        counts[rows, choice] += blk.numel()
+                    prov[blk] = choice[None, :]
+                    Yb = Y[blk]  # (nb, c, n)
+                    Sb = Yb[:, :, choice]  # (nb, c, bb): the copied member's features
+                    d = ((Sb * Sb).sum(1)[:, :, None] + y2[blk] - 2 * torch.bmm(Sb.transpose(1, 2), Yb))
+                    M[blk] = d.clamp_min_(0)
+            out[s0:s0 + bb] = members[prov.T]
+        return out.reshape(b, h, w)
+
+    def _member_pyramid(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The members' features at every scale of the guided rule, coarse to fine, each laid out
+        for the distance bmm as (P, c, n) with squared norms (P, 1, n); kept per member set."""
+        key = (members.numel(), int(members[0]), int(members[-1]), int(members.sum()))
+        hit = self._pyr.get(key)
+        if hit is None or not torch.equal(hit[0], members):
+            L = self.config.levels
+            Yb = self.bank_[members].float()
+            n, c = Yb.shape[:2]
+            levels = []
+            for s in range(L):
+                f = 2 ** (L - 1 - s)
+                Ys = F.avg_pool2d(Yb, f) if f > 1 else Yb
+                Y = Ys.reshape(n, c, -1).permute(2, 1, 0).contiguous()
+                levels.append((Y, (Y * Y).sum(1, keepdim=True)))
+            hit = (members.clone(), levels)
+            self._pyr[key] = hit
+        return hit[1]
 
     def _member_bank(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The members' features laid out for the distance bmm, (hw, c, n), and their squared

@@ -1,0 +1,109 @@
+"""The guided refinement (refine.py, mode "guided") against a loop-by-loop float64 reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faceprint.errors import ConfigError
+from faceprint.latent.refine import NNRefiner, RefineConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _reference(z, bank, members, levels, block, radius, g, cap):
+    """The definition of the module docstring, one block and one member at a time, every window
+    distance summed from scratch: the chosen global photo per finest position (h, w)."""
+    c, h, w = z.shape
+    z, bank = z.double(), bank.double()
+    prev = None  # the coarser scale's synthesis: (member index per position, pooled bank)
+    for s in range(levels):
+        f = 2 ** (levels - 1 - s)
+        zs = F.avg_pool2d(z[None], f)[0] if f > 1 else z
+        Ys = F.avg_pool2d(bank[members], f) if f > 1 else bank[members]
+        hs, ws = zs.shape[1:]
+        chosen = torch.full((hs, ws), -1, dtype=torch.int64)
+
+        def cost(j, y, x):
+            if chosen[y, x] >= 0:
+                return float(((Ys[chosen[y, x], :, y, x] - Ys[j, :, y, x]) ** 2).sum())
+            out = g * float(((zs[:, y, x] - Ys[j, :, y, x]) ** 2).sum())
+            if prev is not None:
+                pc, pY = prev
+                out += float(((pY[pc[y // 2, x // 2], :, y // 2, x // 2] - pY[j, :, y // 2, x // 2]) ** 2).sum())
+            return out
+
+        counts = [0] * len(members)
+        finest = s == levels - 1
+        for by in range(0, hs, block):
+            for bx in range(0, ws, block):
+                cells = [(y, x) for y in range(by, min(by + block, hs)) for x in range(bx, min(bx + block, ws))]
+                win = [(y, x) for y in range(max(by - radius, 0), min(by + block + radius, hs))
+                       for x in range(max(bx - radius, 0), min(bx + block + radius, ws))]
+                d = [sum(cost(j, y, x) for y, x in win) for j in range(len(members))]
+                if finest and cap is not None:
+                    cap_n = max(1, math.floor(cap * h * w + 1e-9))
+                    room = [counts[j] + len(cells) <= cap_n for j in range(len(members))]
+                    if any(room):
+                        d = [v if ok else math.inf for v, ok in zip(d, room)]
+                j = min(range(len(members)), key=lambda a: d[a])
+                counts[j] += len(cells)
+                for y, x in cells:
+                    chosen[y, x] = j
+        prev = (chosen, Ys)
+    return members[prev[0]]
+
+
+@pytest.mark.parametrize("levels,block,radius,g,cap", [
+    (2, 2, 1, 1.0, None),
+    (3, 2, 1, 0.5, None),
+    (2, 3, 0, 2.0, None),  # blocks clipped at the edge (8 is not a multiple of 3)
+    (2, 2, 1, 1.0, 0.25),
+    (1, 4, 2, 1.0, 0.5),  # one scale: the sample alone guides the first block
+])
+def test_guided_mode_equals_the_loop_reference(levels, block, radius, g, cap):
+    gen = torch.Generator().manual_seed(3)
+    N, c, h, w = 9, 3, 8, 8
+    bank = torch.randn(N, c, h, w, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0, 1])
+    z = torch.randn(4, c, h, w, generator=gen, dtype=torch.float64)
+    comps = torch.tensor([1, 0, 1, 0])
+    cfg = RefineConfig(patch_radius=radius, mode="guided", levels=levels, block=block, guide_weight=g, max_share=cap)
+    _, prov = NNRefiner(cfg).fit(bank, labels).refine(z, comps)
+    for i in range(4):
+        members = torch.nonzero(labels == comps[i]).squeeze(1)
+        ref = _reference(z[i], bank, members, levels, block, radius, g, cap)
+        assert torch.equal(prov[i], ref), f"face {i}"
+
+
+def test_guided_faces_do_not_depend_on_the_batch_and_respect_the_cap():
+    gen = torch.Generator().manual_seed(4)
+    bank = torch.randn(40, 4, 16, 16, generator=gen)
+    z = torch.randn(12, 4, 16, 16, generator=gen)
+    r = NNRefiner(RefineConfig(mode="guided", max_share=0.25, block_elements=40 * 256 * 2 * 5)).fit(bank)
+    _, prov = r.refine(z)  # several memory blocks of 5 faces
+    for i in (0, 7, 11):
+        _, alone = r.refine(z[i:i + 1])
+        assert torch.equal(alone[0], prov[i])
+    assert max(torch.bincount(p.flatten()).max().item() for p in prov) <= 64
+    # without the cap, continuing the photo already copied is free: random data collapses to few photos
+    _, free = NNRefiner(RefineConfig(mode="guided")).fit(bank).refine(z)
+    assert max(torch.bincount(p.flatten()).max().item() for p in free) > 64
+
+
+def test_a_training_latent_is_copied_whole_without_a_cap():
+    gen = torch.Generator().manual_seed(5)
+    bank = torch.randn(20, 4, 16, 16, generator=gen)
+    out, prov = NNRefiner(RefineConfig(mode="guided")).fit(bank).refine(bank[[3, 11]])
+    assert torch.equal(prov[0], torch.full((16, 16), 3)) and torch.equal(prov[1], torch.full((16, 16), 11))
+    assert torch.equal(out, bank[[3, 11]])
+
+
+def test_guided_errors():
+    with pytest.raises(ConfigError, match="guide_weight"):
+        RefineConfig(mode="guided", guide_weight=0.0)
+    with pytest.raises(ConfigError, match="levels"):
+        RefineConfig(mode="guided", levels=0)
+    with pytest.raises(ConfigError, match="divisible"):
+        NNRefiner(RefineConfig(mode="guided", levels=4)).fit(torch.randn(3, 2, 12, 12))
