@@ -28,16 +28,17 @@ import torch
 
 from .machine import describe, print_table
 
-METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-noguard", "lrgmm-nn-nocap", "lrgmm-nn",
-           "latentpatch", "ae-recon")
+METHODS = ("gaussian", "nn", "lrgmm", "lrgmm-nn-paper", "lrgmm-nn-seam-noguard", "lrgmm-nn-seam", "lrgmm-nn-noguard",
+           "lrgmm-nn", "latentpatch", "ae-recon")
 LABELS = {
     "gaussian": "standard Gaussian prior",
     "nn": "NN step alone (paper rule)",
     "lrgmm": "LR-GMM",
     "lrgmm-nn-paper": "LR-GMM-NN, paper rule (Eq. 5), no guard",
-    "lrgmm-nn-noguard": "LR-GMM-NN, seam rule, no share cap, no guard",
-    "lrgmm-nn-nocap": "LR-GMM-NN, seam rule, no share cap, copy guard (redraws)",
-    "lrgmm-nn": "LR-GMM-NN default (seam rule, share cap 0.5, copy guard)",
+    "lrgmm-nn-seam-noguard": "LR-GMM-NN, seam rule, no share cap, no guard",
+    "lrgmm-nn-seam": "LR-GMM-NN, seam rule, share cap 0.5, copy guard (the default before the guided rule)",
+    "lrgmm-nn-noguard": "LR-GMM-NN, guided rule, share cap 0.35, no guard",
+    "lrgmm-nn": "LR-GMM-NN default (guided rule, share cap 0.35, copy guard)",
     "latentpatch": "LatentPatch",
     "ae-recon": "AE reconstructions (ceiling)",
 }
@@ -48,8 +49,9 @@ GENERATOR_ROWS = {
     "nn": ("nn", {"refinement": "paper"}, False),
     "lrgmm": ("lrgmm", {}, False),
     "lrgmm-nn-paper": ("lrgmm-nn", {"refinement": "paper"}, False),
-    "lrgmm-nn-noguard": ("lrgmm-nn", {"share_cap": None}, False),
-    "lrgmm-nn-nocap": ("lrgmm-nn", {"share_cap": None}, True),
+    "lrgmm-nn-seam-noguard": ("lrgmm-nn", {"refinement": "seam", "share_cap": None}, False),
+    "lrgmm-nn-seam": ("lrgmm-nn", {"refinement": "seam", "share_cap": 0.5}, True),
+    "lrgmm-nn-noguard": ("lrgmm-nn", {}, False),
     "lrgmm-nn": ("lrgmm-nn", {}, True),
 }
 

@@ -23,6 +23,13 @@ MAX_GRID = 4096      # faces in one --grid image (its pixels are held in memory)
 BATCH = 64           # faces generated, decoded and written at a time
 
 
+def _share_cap(text: str):
+    """--share-cap: a share in (0, 1], or none."""
+    if text.strip().lower() == "none":
+        return None
+    return _number(float, 0.0, True, "a share in (0, 1] or none, e.g. 0.35", highest=1.0)(text)
+
+
 def _number(kind, lowest, strict: bool, what: str, highest=None):
     """An argparse type: kind(text) that must be > lowest (strict) or >= lowest, finite, and at
     most ``highest`` if given."""
@@ -75,10 +82,12 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="NN projection iterations (default 1)")
     g.add_argument("--copy", choices=("full", "projected"), default="full",
                    help="refinement copies the full latent feature or its PCA projection (default full)")
-    g.add_argument("--refinement", choices=("seam", "paper", "guided"), default="seam",
-                   help="seam: neighbouring latent pixels are chosen jointly so the collage has no visible seams "
-                        "(default); paper: each pixel independently (papers/000 Eq. 5); guided: blocks copied "
-                        "coarse to fine, guided by the sample")
+    g.add_argument("--refinement", choices=("guided", "seam", "paper"), default="guided",
+                   help="guided: blocks copied coarse to fine, guided by the sample (default); seam: each latent "
+                        "pixel chosen jointly with its neighbours; paper: each pixel independently (papers/000 Eq. 5)")
+    g.add_argument("--share-cap", type=_share_cap, default="default", metavar="F|none",
+                   help="at most this share of a face's latent pixels from one photo (guided and seam rules; "
+                        "default 0.35; none: no cap)")
     g.add_argument("--seam-weight", type=_number(float, 0.0, False, "a non-negative number"), default=None,
                    help="weight of the seam cost against the patch cost (default: the model's)")
     g.add_argument("--em", choices=("auto", "exact", "fast"), default="auto",
@@ -262,6 +271,8 @@ def cmd_fit(args) -> int:
     if args.labels is not None:
         regular_input("--labels", args.labels, "label table")
     extra = {} if args.seam_weight is None else {"seam_weight": args.seam_weight}
+    if args.share_cap != "default":
+        extra["share_cap"] = args.share_cap
     cfg = GeneratorConfig(components=args.components, channels=args.channels, rank_temperature=args.rank_temperature,
                           patch_radius=args.patch_radius, iterations=args.iterations, copy=args.copy,
                           refinement=args.refinement, em=args.em, **extra)
