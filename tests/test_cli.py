@@ -58,6 +58,17 @@ def test_fit_generate_inspect_round_trip(small_folder, tmp_path, capsys):
     assert (tmp_path / "grid_provenance.png").is_file()
     doc = json.loads((faces / "provenance.json").read_text())
     assert len(doc["training_photos"]) == 40 and "broken.jpg" not in doc["training_photos"]
+    from faceprint.latent.generator import Generator
+
+    cfg = Generator.load(model).config
+    assert cfg.refinement == "guided" and cfg.share_cap == 0.35  # the defaults
+    for given, want in (("none", None), ("0.25", 0.25)):
+        m2 = tmp_path / f"m-{given}.safetensors"
+        code, out, err = _run(capsys, "fit", small_folder, "-o", m2, "--components", "2", "--refinement", "seam",
+                              "--share-cap", given, "-q")
+        assert code == 0, err
+        cfg = Generator.load(m2).config
+        assert cfg.refinement == "seam" and cfg.share_cap == want
     m = np.array(doc["faces"][0]["latent_map"])
     assert m.shape == (16, 16) and m.min() >= 0 and m.max() < 40
     # the copy guard is on by default, and what it did is on record
@@ -128,6 +139,8 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     for argv in (["generate", "m.safetensors", "-n", "0", "-o", "x"],
                  ["fit", str(tmp_path), "-o", "m.safetensors", "--size", "100"],
                  ["fit", str(tmp_path), "-o", "m.safetensors", "--rank-temperature", "-1"],
+                 ["fit", str(tmp_path), "-o", "m.safetensors", "--share-cap", "1.5"],
+                 ["fit", str(tmp_path), "-o", "m.safetensors", "--share-cap", "0"],
                  ["fit"], []):
         with pytest.raises(SystemExit) as e:
             main(argv)

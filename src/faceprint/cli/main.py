@@ -24,9 +24,9 @@ BATCH = 64           # faces generated, decoded and written at a time
 
 
 def _share_cap(text: str):
-    """--share-cap: a share in (0, 1], or none."""
+    """--share-cap: a share in (0, 1], or "none" (no cap)."""
     if text.strip().lower() == "none":
-        return None
+        return "none"
     return _number(float, 0.0, True, "a share in (0, 1] or none, e.g. 0.35", highest=1.0)(text)
 
 
@@ -85,7 +85,7 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refinement", choices=("guided", "seam", "paper"), default="guided",
                    help="guided: blocks copied coarse to fine, guided by the sample (default); seam: each latent "
                         "pixel chosen jointly with its neighbours; paper: each pixel independently (papers/000 Eq. 5)")
-    g.add_argument("--share-cap", type=_share_cap, default="default", metavar="F|none",
+    g.add_argument("--share-cap", type=_share_cap, default=None, metavar="F|none",
                    help="at most this share of a face's latent pixels from one photo (guided and seam rules; "
                         "default 0.35; none: no cap)")
     g.add_argument("--seam-weight", type=_number(float, 0.0, False, "a non-negative number"), default=None,
@@ -271,8 +271,8 @@ def cmd_fit(args) -> int:
     if args.labels is not None:
         regular_input("--labels", args.labels, "label table")
     extra = {} if args.seam_weight is None else {"seam_weight": args.seam_weight}
-    if args.share_cap != "default":
-        extra["share_cap"] = args.share_cap
+    if args.share_cap is not None:  # "none": no cap
+        extra["share_cap"] = None if args.share_cap == "none" else args.share_cap
     cfg = GeneratorConfig(components=args.components, channels=args.channels, rank_temperature=args.rank_temperature,
                           patch_radius=args.patch_radius, iterations=args.iterations, copy=args.copy,
                           refinement=args.refinement, em=args.em, **extra)
