@@ -109,6 +109,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..validation import all_finite
 from ..errors import ConfigError, InputError, NotFittedError
 from ..seeding import check_seed
 from ..seeding import generator as make_generator
@@ -182,7 +183,7 @@ class LatentPatch:
         if N < cfg.k:
             raise InputError(f"LatentPatch copies each block from one of the k = {cfg.k} nearest training latents, "
                              f"so it needs at least {cfg.k} of them; got N = {N}. Pass more latents or a smaller k")
-        if not torch.isfinite(latents).all():
+        if not all_finite(latents):
             raise InputError("latents contain NaN or infinite values")
         f = 2 ** (cfg.levels - 1)
         if h % f or w % f:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..validation import all_finite
 from ..errors import ConfigError, InputError, NotFittedError
 
 LOG_2PI = math.log(2 * math.pi)
@@ -520,7 +521,7 @@ class GaussianMixture:
             raise InputError(f"X must be a 2-D tensor (N, d), got {type(X).__name__} {tuple(getattr(X, 'shape', ()))}")
         dt = torch.float64 if self.config.dtype == "float64" else torch.float32
         X = X.to(dt)
-        if not torch.isfinite(X).all():
+        if not all_finite(X):
             raise InputError("X contains NaN or infinite values")
         if fitting:
             K = self.config.n_components

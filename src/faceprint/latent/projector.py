@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import all_finite
 from ..errors import ConfigError, InputError, NotFittedError
 
 
@@ -42,10 +43,20 @@ class PCAProjector:
         q = self.config.channels
         if q > c:
             raise ConfigError(f"channels (q) = {q} exceeds the autoencoder's {c} latent channels; choose q <= {c}")
-        pix = latents.permute(0, 2, 3, 1).reshape(-1, c).double()  # (N*h*w, c)
-        mean = pix.mean(0)
-        centred = pix - mean
-        cov = centred.T @ centred / max(pix.shape[0] - 1, 1)
+        # the channel covariance over every pixel of every latent, accumulated in float64 a chunk
+        # of latents at a time (the pixels of 28,000 latents in float64 would take 1.8 GB)
+        N = latents.shape[0]
+        X = latents.reshape(N, c, -1)
+        m = N * X.shape[2]
+        s1 = torch.zeros(c, dtype=torch.float64)
+        s2 = torch.zeros(c, c, dtype=torch.float64)
+        step = max(1, (1 << 22) // (c * X.shape[2]))
+        for a in range(0, N, step):
+            x = X[a:a + step].double().transpose(0, 1).reshape(c, -1)  # (c, chunk pixels)
+            s1 += x.sum(1)
+            s2 += x @ x.T
+        mean = s1 / m
+        cov = (s2 - m * torch.outer(mean, mean)) / max(m - 1, 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         order = torch.argsort(evals, descending=True)
         evals, evecs = evals[order].clamp_min(0), evecs[:, order]
@@ -111,5 +122,5 @@ def _check_latents(latents, name):
                          f"{tuple(getattr(latents, 'shape', ()))}")
     if latents.shape[0] < 1:
         raise InputError(f"{name} is empty (N = 0); encode at least one photo")
-    if not torch.isfinite(latents).all():
+    if not all_finite(latents):
         raise InputError(f"{name} contains NaN or infinite values")
