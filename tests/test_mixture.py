@@ -148,3 +148,24 @@ def test_truncated_e_step_equals_the_full_one_when_it_keeps_every_component():
     b2.__dict__.update({k: v for k, v in a.__dict__.items() if k != "config"})
     lp = b2._component_log_prob(X, rows_of=b2._nearest_means(X, 1))
     assert torch.equal(torch.isfinite(lp).sum(1), torch.ones(300, dtype=torch.int64))
+
+
+def test_top_eigh_finds_the_leading_eigenpairs_of_a_large_component():
+    """The randomized range finder the scale path uses for components of more than 4 * max_rank
+    members: the leading eigenvalues within 2%, the same subspace, the same result twice."""
+    from faceprint.latent.mixture import _scatter_eigh, _top_eigh
+
+    g = torch.Generator().manual_seed(0)
+    n, d, r = 600, 1024, 48
+    L = torch.randn(n, 200, generator=g) * torch.logspace(0, -1.5, 200)[None]
+    A = L @ torch.randn(200, d, generator=g) / 20 + 0.01 * torch.randn(n, d, generator=g)
+    e0, U0 = _scatter_eigh(A)
+    e1, U1 = _top_eigh(A, r, seed=3)
+    assert e1.shape == (r,) and U1.shape == (d, r)
+    assert float(((e1 - e0[:r]).abs() / e0[:r]).max()) < 0.02
+    assert float(((U1.T @ U0[:, :r]) ** 2).sum()) / r > 0.99
+    assert torch.allclose(U1.T @ U1, torch.eye(r, dtype=A.dtype), atol=1e-6)
+    e2, U2 = _top_eigh(A, r, seed=3)
+    assert torch.equal(e1, e2) and torch.equal(U1, U2)
+    # a wrong subspace would be caught: the trailing eigenvectors are orthogonal to the leading ones
+    assert float(((U1.T @ U0[:, r:2 * r]) ** 2).sum()) / r < 0.05
