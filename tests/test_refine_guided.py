@@ -107,3 +107,36 @@ def test_guided_errors():
         RefineConfig(mode="guided", levels=0)
     with pytest.raises(ConfigError, match="divisible"):
         NNRefiner(RefineConfig(mode="guided", levels=4)).fit(torch.randn(3, 2, 12, 12))
+
+
+@pytest.mark.parametrize("mode", ["guided", "seam", "paper"])
+def test_large_components_are_searched_by_their_nearest_group(mode):
+    gen = torch.Generator().manual_seed(7)
+    bank = torch.randn(120, 3, 8, 8, generator=gen, dtype=torch.float64)
+    bank[:60] += 1.5  # two clumps inside component 0
+    labels = torch.zeros(120, dtype=torch.int64)
+    labels[100:] = 1  # component 1: 20 photos, under the bound
+    z = torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64)
+    z[:4] += 1.5
+    comps = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    kw = dict(mode=mode, levels=2, block=2, patch_radius=1, max_share=None if mode == "paper" else 0.5)
+    split = NNRefiner(RefineConfig(max_members=40, **kw)).fit(bank, labels)
+    whole = NNRefiner(RefineConfig(**kw)).fit(bank, labels)
+    centroids, groups = split._groups[0]
+    assert 1 not in split._groups and len(groups) == 3 and sum(len(g) for g in groups) == 100
+    assert sorted(torch.cat(groups).tolist()) == list(range(100))
+    _, prov = split.refine(z, comps)
+    _, prov_whole = whole.refine(z, comps)
+    feats = F.adaptive_avg_pool2d(z.float(), 4).reshape(8, -1)
+    for i in range(6):
+        g = int(torch.cdist(feats[i:i + 1], centroids).argmin())
+        # the reference: the same rule on the group's members alone, as a component of its own
+        sub = groups[g]
+        ref_labels = torch.full((120,), 5, dtype=torch.int64)
+        ref_labels[sub] = 0
+        _, ref = NNRefiner(RefineConfig(**kw)).fit(bank, ref_labels).refine(z[i:i + 1], torch.tensor([0]))
+        assert torch.equal(prov[i], ref[0]), i
+        assert set(prov[i].unique().tolist()) <= set(sub.tolist())
+    assert torch.equal(prov[6:], prov_whole[6:])  # a component under the bound is searched whole
+    _, alone = split.refine(z[2:3], comps[2:3])
+    assert torch.equal(alone[0], prov[2])

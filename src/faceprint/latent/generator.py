@@ -61,6 +61,7 @@ class GeneratorConfig:
     copy: "full" or "projected" (see module docstring).  method: default sampling method.
     refinement, candidates, seam_weight, sweeps: the NN step's rule (module refine.py);
     guide_levels, guide_block, guide_weight: the "guided" rule's (levels, block, guide_weight).
+    refine_max_members: components of more photos are searched by groups (refine.py; None: whole).
     share_cap: at most this share of a face's latent pixels from one photo, enforced inside the
     guided and seam refinements (the paper's rule ignores it). None: no cap. Models saved before
     the cap existed load with None, so they keep drawing the same faces.
@@ -93,6 +94,7 @@ class GeneratorConfig:
     guide_levels: int = 3
     guide_block: int = 4
     guide_weight: float = 3.0
+    refine_max_members: int | None = 512
 
     def mixture_config(self, n_photos: int) -> MixtureConfig:
         """The EM settings for n_photos: the exact EM, or the scale path (module mixture.py)
@@ -109,7 +111,8 @@ class GeneratorConfig:
         return RefineConfig(self.patch_radius, self.iterations, mode=self.refinement, candidates=self.candidates,
                             seam_weight=self.seam_weight, sweeps=self.sweeps,
                             max_share=self.share_cap if self.refinement in ("seam", "guided") else None,
-                            levels=self.guide_levels, block=self.guide_block, guide_weight=self.guide_weight)
+                            levels=self.guide_levels, block=self.guide_block, guide_weight=self.guide_weight,
+                            max_members=self.refine_max_members)
 
     def __post_init__(self):
         if self.components is not None and (isinstance(self.components, bool) or not isinstance(self.components, int)
@@ -587,6 +590,8 @@ class Generator:
             stored.setdefault("refinement", "paper")
             # models written before the share cap had none: keep their faces
             stored.setdefault("share_cap", None)
+            # and before the refinement searched large components by groups: keep searching them whole
+            stored.setdefault("refine_max_members", None)
             config = GeneratorConfig(**stored)
             mcfg = MixtureConfig(**meta["mixture_config"])
             g = cls(config)
