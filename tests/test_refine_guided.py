@@ -140,3 +140,45 @@ def test_large_components_are_searched_by_their_nearest_group(mode):
     assert torch.equal(prov[6:], prov_whole[6:])  # a component under the bound is searched whole
     _, alone = split.refine(z[2:3], comps[2:3])
     assert torch.equal(alone[0], prov[2])
+
+
+def _polish_energy(r, L, guided, h, w):
+    """anchor * distance to the guided collage + seam_weight * seam cost over 4-neighbours."""
+    from faceprint.latent.refine import POLISH_ANCHOR
+
+    pix = r._pixels()  # (N, hw, C)
+    at = torch.arange(h * w)
+    Z, G = pix[L, at], pix[guided, at]
+    e = POLISH_ANCHOR * ((Z - G) ** 2).sum()
+    idx = at.view(h, w)
+    for a, b in ((idx[:, :-1], idx[:, 1:]), (idx[:-1], idx[1:])):
+        a, b = a.reshape(-1), b.reshape(-1)
+        cut = L[a] != L[b]
+        s = ((pix[L[a], a] - pix[L[b], a]) ** 2).sum(-1) + ((pix[L[a], b] - pix[L[b], b]) ** 2).sum(-1)
+        e += r.config.seam_weight * (s * cut).sum()
+    return float(e)
+
+
+def test_polish_moves_cuts_and_lowers_its_energy():
+    gen = torch.Generator().manual_seed(8)
+    # smooth photos, so that two photos agree in places and a cut can move to where they do
+    bank = F.avg_pool2d(torch.randn(30, 3, 20, 20, generator=gen), 5, stride=1)[:, :, :16, :16] * 3
+    z = F.avg_pool2d(torch.randn(6, 3, 20, 20, generator=gen), 5, stride=1)[:, :, :16, :16] * 3
+    base = dict(mode="guided", max_share=0.35, seam_weight=1.0)
+    _, guided = NNRefiner(RefineConfig(**base)).fit(bank).refine(z)
+    r = NNRefiner(RefineConfig(polish=4, **base)).fit(bank)
+    _, pol = r.refine(z)
+    assert not torch.equal(pol, guided)  # some cut moved
+    for i in range(6):
+        g, p = guided[i].reshape(-1), pol[i].reshape(-1)
+        assert _polish_energy(r, p, g, 16, 16) <= _polish_energy(r, g, g, 16, 16) + 1e-6
+        assert torch.bincount(p).max() <= int(0.35 * 256)
+        near = set()  # every polished pixel's photo was within 2 positions of it in the guided map
+        gm = guided[i]
+        for y in range(16):
+            for x in range(16):
+                opts = {int(gm[y, x])} | {int(gm[min(max(y + dy, 0), 15), min(max(x + dx, 0), 15)])
+                                          for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))}
+                assert int(pol[i, y, x]) in opts
+    _, alone = r.refine(z[3:4])
+    assert torch.equal(alone[0], pol[3])

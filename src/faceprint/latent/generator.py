@@ -95,6 +95,7 @@ class GeneratorConfig:
     guide_block: int = 4
     guide_weight: float = 3.0
     refine_max_members: int | None = 512
+    guide_polish: int = 0
 
     def mixture_config(self, n_photos: int) -> MixtureConfig:
         """The EM settings for n_photos: the exact EM, or the scale path (module mixture.py)
@@ -112,7 +113,7 @@ class GeneratorConfig:
                             seam_weight=self.seam_weight, sweeps=self.sweeps,
                             max_share=self.share_cap if self.refinement in ("seam", "guided") else None,
                             levels=self.guide_levels, block=self.guide_block, guide_weight=self.guide_weight,
-                            max_members=self.refine_max_members)
+                            max_members=self.refine_max_members, polish=self.guide_polish)
 
     def __post_init__(self):
         if self.components is not None and (isinstance(self.components, bool) or not isinstance(self.components, int)

@@ -83,6 +83,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError, InputError, NotFittedError
 
 REFINE_MODES = ("paper", "seam", "guided")
+#: weight of the distance to the guided collage in the seam polish (small: cuts move freely)
+POLISH_ANCHOR = 0.1
 # the 4-neighbourhood as (dy, dx)
 _DIRS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -95,7 +97,8 @@ class RefineConfig:
     levels, block, guide_weight: the "guided" rule's pyramid scales, block side and weight of
     the sample in the distance (module docstring).
     max_members: components larger than this are searched by groups (module docstring); None
-    searches every member."""
+    searches every member.
+    polish: sweeps of the guided rule's seam polish (0: none; _polish)."""
 
     patch_radius: int = 2
     iterations: int = 1
@@ -109,10 +112,11 @@ class RefineConfig:
     block: int = 4
     guide_weight: float = 1.0
     max_members: int | None = None
+    polish: int = 0
 
     def __post_init__(self):
         for name, lo in (("patch_radius", 0), ("iterations", 0), ("block_elements", 1), ("candidates", 1),
-                         ("sweeps", 0), ("levels", 1), ("block", 1)):
+                         ("sweeps", 0), ("levels", 1), ("block", 1), ("polish", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -255,7 +259,8 @@ class NNRefiner:
                 out[s:s + bb] = members[D.argmin(1)]
         return out.reshape(b, h, w)
 
-    def _seam_labels(self, unary: torch.Tensor, cand: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _seam_labels(self, unary: torch.Tensor, cand: torch.Tensor, h: int, w: int,
+                     sweeps: int | None = None) -> torch.Tensor:
         """Iterated conditional modes on the seam energy (module docstring).
 
         unary (B, hw, k) patch costs of the candidates (ascending), cand (B, hw, k) their global
@@ -287,15 +292,16 @@ class NNRefiner:
         cap = self.config.max_share
         cap_n = None if cap is None else max(1, int(math.floor(cap * hw + 1e-9)))
         n_bank = bank.shape[0]
+        n_sweeps = self.config.sweeps if sweeps is None else sweeps
         sweep = 0
         active = torch.ones(B, dtype=torch.bool)  # faces the sweeps still update
         while True:
             before = None
-            if sweep >= self.config.sweeps:
+            if sweep >= n_sweeps:
                 # repair sweeps (capped only), for the faces still over the cap, until they are
                 # within it or a sweep changes nothing (a component of one photo cannot be capped);
                 # each face's decision is its own, so a face is the same alone or in a batch
-                if cap_n is None or sweep >= self.config.sweeps + 2 * hw:
+                if cap_n is None or sweep >= n_sweeps + 2 * hw:
                     break
                 L = cand.gather(2, label[..., None])[..., 0]
                 active &= _counts(L, n_bank).max(1).values > cap_n
@@ -373,7 +379,29 @@ class NNRefiner:
                     d = ((Sb * Sb).sum(1)[:, :, None] + y2[blk] - 2 * torch.bmm(Sb.transpose(1, 2), Yb))
                     M[blk] = d.clamp_min_(0)
             out[s0:s0 + bb] = members[prov.T]
+        if cfg.polish > 0:
+            out = self._polish(out, h, w)
         return out.reshape(b, h, w)
+
+    def _polish(self, L: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Move the guided rule's block-aligned cuts to where the photos on both sides agree:
+        every position may take its own photo or the photo 2 positions away in each of the 4
+        directions (so cuts move by up to 2 latent pixels), with the distance to the guided
+        collage as unary cost, and the seam rule's ICM (seam_weight, ``polish`` sweeps, the share
+        cap) lowers unary + seam energy. L (b, hw) global photos; returns the new (b, hw)."""
+        pix = self._pixels()
+        hw = h * w
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ys, xs = ys.reshape(-1), xs.reshape(-1)
+        cols = [L]
+        for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2)):
+            nb = (ys + dy).clamp(0, h - 1) * w + (xs + dx).clamp(0, w - 1)
+            cols.append(L[:, nb])
+        cand = torch.stack(cols, 2)  # (b, hw, 5), slot 0 the guided photo
+        arange = torch.arange(hw)
+        own = pix[cand, arange.view(1, hw, 1)]  # (b, hw, 5, C)
+        unary = POLISH_ANCHOR * ((own - own[:, :, :1]) ** 2).sum(-1)  # 0 for the guided photo
+        return self._seam_labels(unary, cand, h, w, sweeps=self.config.polish)
 
     def _member_pyramid(self, members: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The members' features at every scale of the guided rule, coarse to fine, each laid out
