@@ -173,8 +173,7 @@ def test_polish_moves_cuts_and_lowers_its_energy():
         g, p = guided[i].reshape(-1), pol[i].reshape(-1)
         assert _polish_energy(r, p, g, 16, 16) <= _polish_energy(r, g, g, 16, 16) + 1e-6
         assert torch.bincount(p).max() <= int(0.35 * 256)
-        near = set()  # every polished pixel's photo was within 2 positions of it in the guided map
-        gm = guided[i]
+        gm = guided[i]  # every polished pixel's photo was within 2 positions of it in the guided map
         for y in range(16):
             for x in range(16):
                 opts = {int(gm[y, x])} | {int(gm[min(max(y + dy, 0), 15), min(max(x + dx, 0), 15)])
