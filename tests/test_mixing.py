@@ -306,6 +306,83 @@ def test_image_level_uses(tiny_mixer):
         tiny_mixer.hybrid(faces[:1], faces[1:], band=12)
 
 
+# ------------------------------------------------------------------------------------------ post-processing
+def test_vertical_seam_follows_the_cheapest_path():
+    from faceprint.mixing.postprocess import vertical_seam
+
+    cost = np.ones((6, 5))
+    path = [1, 2, 3, 3, 2, 1]  # moves at most one column per row
+    for y, x in enumerate(path):
+        cost[y, x] = 0.0
+    assert vertical_seam(cost).tolist() == path
+    # a path that would jump two columns is not allowed: the seam pays for a detour instead
+    cost = np.ones((2, 5))
+    cost[0, 0] = cost[1, 4] = 0.0
+    cols = vertical_seam(cost)
+    assert abs(int(cols[1]) - int(cols[0])) <= 1
+    with pytest.raises(InputError, match="seam cost"):
+        vertical_seam(np.ones(4))
+
+
+def test_poisson_blend_solves_the_discrete_equation():
+    from faceprint.mixing.postprocess import poisson_blend
+
+    g = np.random.default_rng(0)
+    guide = g.random((2, 8, 10))
+    region = np.zeros((8, 10), dtype=bool)
+    region[2:6, 3:8] = True
+    # boundary values equal to the guide: the guide itself is the solution
+    assert np.allclose(poisson_blend(guide, guide, region), guide)
+    # a constant offset of the boundary on one side: inside, the result is the guide plus a harmonic
+    # correction whose discrete Laplacian is zero, and outside nothing moves
+    comp = guide.copy()
+    comp[:, :, :3] += 0.5
+    out = poisson_blend(comp, guide, region)
+    assert np.array_equal(out[:, ~region], comp[:, ~region])
+    corr = out - guide
+    ys, xs = np.nonzero(region)
+    for y, x in zip(ys, xs):
+        nb = [(y + dy, x + dx) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+        lap = sum(corr[:, a, b] - corr[:, y, x] for a, b in nb)
+        assert np.allclose(lap, 0, atol=1e-9)
+    assert 0 < corr[:, 3, 3].mean() < 0.5 and corr[:, 3, 3].mean() > corr[:, 3, 7].mean() > 0
+
+
+def test_paste_sources_keeps_the_sources_and_the_far_canvas():
+    from faceprint.mixing.postprocess import paste_sources
+
+    g = _gen(4)
+    canvas = torch.rand(1, 3, 32, 160, generator=g)
+    src = torch.rand(2, 3, 32, 32, generator=g)
+    out, info = paste_sources(canvas, src, [0, 128], overlap=8, blend=8)
+    assert out.shape == canvas.shape
+    # the part of each source away from its seam strip is the source, exactly (float32 round trip)
+    assert torch.allclose(out[0, :, :, :24], src[0, :, :, :24], atol=1e-6)
+    assert torch.allclose(out[0, :, :, 136:], src[1, :, :, 8:], atol=1e-6)
+    # generated canvas beyond the Poisson band is untouched
+    assert torch.equal(out[0, :, :, 48:112], canvas[0, :, :, 48:112])
+    lo, hi, _ = info["sources"][0]["seams"]["right"]
+    assert 24 <= lo <= hi < 32 and "left" not in info["sources"][0]["seams"]
+    assert info["blend_pixels"] > 0
+    with pytest.raises(InputError, match="does not fit"):
+        paste_sources(canvas, src, [0, 140])
+    with pytest.raises(InputError, match="one placement per source"):
+        paste_sources(canvas, src, [0])
+
+
+def test_canvas_post_processing_restores_the_sides(taef2):
+    m = TextureMixer.initial(autoencoder=taef2)
+    g = _gen(5)
+    base = torch.rand(2, 3, 8, 8, generator=g)
+    tex = torch.nn.functional.interpolate(base, size=64, mode="bilinear", align_corners=False)
+    raw = m.canvas(tex, 256, postprocess=False)
+    done = m.canvas(tex, 256)
+    err = lambda c: float((c[..., :32] - tex[:1, ..., :32]).abs().max())  # noqa: E731
+    assert err(done) < 1e-5 < err(raw)
+    assert float(ev.ssim(done[..., -64:], tex[1:])) > float(ev.ssim(raw[..., -64:], tex[1:]))
+    assert torch.equal(done[..., 100:156], raw[..., 100:156])  # the middle is the decoded mix
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _png(path, arr):
     from PIL import Image
@@ -356,6 +433,15 @@ def test_cli_canvas_on_textures(textures, tmp_path, tiny_mixer, capsys):
 
     px = np.asarray(Image.open(tmp_path / "pixel.png"))
     assert np.array_equal(px[:, :64], np.asarray(Image.open(textures[0]).convert("RGB")))
+    # ours puts the sources back (post-processing) left of the seam strip; --no-postprocess does not
+    src0 = np.asarray(Image.open(textures[0]).convert("RGB")).astype(int)
+    ours = np.asarray(Image.open(out)).astype(int)
+    assert rec["postprocess"] is True and np.abs(ours[:, :40] - src0[:, :40]).max() <= 1
+    raw = tmp_path / "raw.png"
+    assert main(["mix", *map(str, textures), "--mode", "interpolate", "--width", "256", "--mixer", str(mix_file),
+                 "--no-postprocess", "-o", str(raw), "-q"]) == 0
+    assert _provenance(raw)[0]["postprocess"] is False
+    assert np.abs(np.asarray(Image.open(raw)).astype(int)[:, :40] - src0[:, :40]).max() > 1
 
 
 def test_cli_refusals(textures, tmp_path, capsys):

@@ -36,6 +36,9 @@ def register(sub, *, common) -> None:
                                                             "at least the sources side by side)")
     p.add_argument("--method", choices=METHODS, default="ours",
                    help="ours: trained harmoniser (default); latent: plain TAEF2 latent blend; pixel: naive pixel blend")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="interpolate with --method ours: keep the decoded canvas as it is instead of putting the "
+                        "sources back with a seam and a Poisson blend")
     p.add_argument("--mixer", type=Path, default=None, help="mixer weights (.safetensors; default: the packaged ones)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the latent shuffling of a canvas (default 0)")
     p.add_argument("--snap", action="store_true", help="centre-crop sources off the 8-px grid (reported) instead of refusing")
@@ -197,12 +200,13 @@ def cmd_mix(args) -> int:
         K = len(sources)
         width = args.width or max(8 * W, K * W)
         width = max(width, K * W)
-        settings.update(width=width, seed=args.seed)
+        post = harmonise and not args.no_postprocess
+        settings.update(width=width, seed=args.seed, postprocess=post)
         if args.method == "pixel":
             wts = ops.canvas_weights(K, width, W).view(K, 1, 1, width).expand(K, 1, H, width)
             out = pixel_blend(x, wts, H, width, ops.placements(K, width, W))
         else:
-            out = mixer.canvas(x, width, shuffle=harmonise, harmonise=harmonise, seed=args.seed)
+            out = mixer.canvas(x, width, shuffle=harmonise, harmonise=harmonise, seed=args.seed, postprocess=post)
     else:
         if args.mode == "dissolve":
             alpha = 0.5 if args.alpha is None else args.alpha

@@ -20,6 +20,8 @@ substitutions docs/SEED-SYSTEMS.md Sec. 4.3 names:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -187,15 +189,24 @@ def repetition_examples(bands: torch.Tensor, n: int, *, seed: int) -> tuple[torc
 
 
 def train_classifier(make_batch, *, steps: int = 400, lr: float = 1e-3, seed: int = 0, width: int = 16,
-                     progress=None) -> PatchClassifier:
-    """Train a :class:`PatchClassifier` with Adam on batches ``make_batch(step) -> (x, y)`` (BCE)."""
+                     progress=None, cosine: bool = True, mirror: bool = True) -> PatchClassifier:
+    """Train a :class:`PatchClassifier` with Adam on batches ``make_batch(step) -> (x, y)`` (BCE).
+
+    ``cosine``: the learning rate decays to 0 along a half cosine over ``steps`` (the last steps
+    settle instead of bouncing at lr); ``mirror``: every other batch is flipped left-right (a seam
+    or a repeat is one whichever way round; doubles the examples at no cost)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "classifier-init"))
         net = PatchClassifier(width)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     for step in range(steps):
+        if cosine:
+            for grp in opt.param_groups:
+                grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         x, y = make_batch(step)
+        if mirror and step % 2:
+            x = x.flip(-1)
         loss = F.binary_cross_entropy_with_logits(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,8 +12,9 @@ to 1. The test-time uses of Sec. 3.3.3 are thin wrappers: :meth:`TextureMixer.ca
 placement on a horizontal canvas, two or more sources), :meth:`~TextureMixer.dissolve` (uniform
 weights), :meth:`~TextureMixer.brush` (a mask painting source B onto A) and
 :meth:`~TextureMixer.hybrid` (left of A, right of B, a linear transition band; the chapter's
-animal hybridisation on aligned faces). The chapter's graph-cut + Poisson post-processing of
-boundaries is not done: the canvas keeps the harmoniser's output everywhere.
+animal hybridisation on aligned faces). The canvas ends with the chapter's boundary
+post-processing (the sources put back, a least-visible seam, a Poisson blend:
+:mod:`faceprint.mixing.postprocess`).
 
 ``harmonise=False`` and ``shuffle=False`` give the plain TAEF2 latent blend (the free baseline);
 :func:`pixel_blend` is the naive alpha blend of tiled pixels.
@@ -255,7 +256,7 @@ class TextureMixer:
         return self.autoencoder.decode(z, batch_size=_batch(self.autoencoder, z.shape[0], size))
 
     def canvas(self, sources, width: int, *, shuffle: bool = True, harmonise: bool = True, seed: int = 0,
-               height: int | None = None) -> torch.Tensor:
+               height: int | None = None, postprocess: bool = True) -> torch.Tensor:
         """Interpolate two or more textures along a horizontal canvas (Sec. 3.4.2's task).
 
         Parameters
@@ -267,6 +268,10 @@ class TextureMixer:
             end, source K-1 at the right end, the others at equal spacing.
         height : int, optional
             Canvas height (default h).
+        postprocess : bool
+            Put the sources back at their placements, cut along the least visible seam and
+            Poisson-blend it (the chapter's boundary post-processing,
+            :func:`faceprint.mixing.postprocess.paste_sources`). False keeps the decoded canvas.
 
         Returns
         -------
@@ -289,7 +294,12 @@ class TextureMixer:
             keep[k, :, :lh, a:a + lw] = True
         z = self.mix_latents(zl, weights, size=(LH, LW), anchors=anchors, keep=keep, shuffle=shuffle,
                              harmonise=harmonise, seed=seed)
-        return self._decode(z)
+        out = self._decode(z)
+        if postprocess:
+            from .postprocess import paste_sources
+
+            out, _ = paste_sources(out, x, [a * DOWNSCALE for a in anchors])
+        return out
 
     def mix(self, a, b, alpha, *, harmonise: bool = True) -> torch.Tensor:
         """Blend two same-size images with a weight map of B: (1, 3, H, W).
@@ -322,8 +332,15 @@ class TextureMixer:
         m = ops.check_alpha(mask, "mask", (H, W))
         return self.mix(a, b, m * s, **kw)
 
-    def hybrid(self, a, b, *, band: int = 32, centre: int | None = None, **kw) -> torch.Tensor:
-        """Left of A, right of B, with a linear transition band of ``band`` px (a multiple of 8)."""
+    def hybrid(self, a, b, *, band: int = 32, centre: int | None = None, postprocess: bool = False,
+               overlap: int = 16, **kw) -> torch.Tensor:
+        """Left of A, right of B, with a linear transition band of ``band`` px (a multiple of 8).
+
+        ``postprocess``: the chapter's hybridisation finish: A's own pixels left of the band and B's
+        right of it, cut along the least visible seam inside an ``overlap``-px strip of each and
+        Poisson-blended across the band (:func:`faceprint.mixing.postprocess.paste_sources`); off,
+        the whole image is the decoded mix (every pixel through the decoder, e.g. a fingerprinted
+        instance's)."""
         H, W = check_images(a, "a").shape[-2:]
         if not _is_int(band, 0) or band % DOWNSCALE or band > W:
             raise InputError(f"band must be a multiple of {DOWNSCALE} px between 0 and the width {W}, got {band!r}")
@@ -332,7 +349,14 @@ class TextureMixer:
             raise InputError(f"centre must be a column on the {DOWNSCALE}-px grid inside the image, got {centre!r}")
         alpha = 1 - ops.band_alpha(H // DOWNSCALE, W // DOWNSCALE, band // DOWNSCALE, c / DOWNSCALE)
         # alpha is B's weight per latent pixel; expand to the pixel grid for mix()
-        return self.mix(a, b, alpha.repeat_interleave(DOWNSCALE, 2).repeat_interleave(DOWNSCALE, 3), **kw)
+        out = self.mix(a, b, alpha.repeat_interleave(DOWNSCALE, 2).repeat_interleave(DOWNSCALE, 3), **kw)
+        lo, hi = int(round(c - band / 2)), int(round(c + band / 2))
+        if postprocess and lo > 0 and hi < W:
+            from .postprocess import paste_sources
+
+            xa, xb = check_images(a, "a")[0], check_images(b, "b")[0]
+            out, _ = paste_sources(out, [xa[..., :lo], xb[..., hi:]], [0, hi], overlap=overlap, blend=max(band, 8))
+        return out
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
