@@ -513,13 +513,13 @@ def run(args) -> int:
         _save_stage(args, "faces", key | {"face_pairs": args.face_pairs}, faces_res)
     speed = measure_speed(mixers["ours"], ae, te, data["test_faces"])
     results = {
-        "machine": describe({"seed": args.seed, "torch threads (training)": args.threads,
+        "machine": describe({"seed": args.seed, "torch threads (this invocation)": args.threads,
                              "timings": "contended (other jobs on the 2 cores)" if args.contended else "uncontended"}),
         "settings": {"steps": args.steps, "batch": args.batch, "gram_weight": args.gram_weight or DEFAULT_GRAM_WEIGHT,
                      "pairs": args.pairs, "face_pairs": args.face_pairs, "classifier_steps": args.classifier_steps,
                      "canvas": "64 x 512 (8 x 64 latents), sources 64 x 64 at both ends",
                      "incomplete_training": incomplete},
-        "training": {n: {k: m.provenance_.get(k) for k in ("trained_steps", "train_seconds", "complete", "n_textures",
+        "training": {n: {k: m.provenance_.get(k) for k in ("trained_steps", "train_seconds", "threads", "complete", "n_textures",
                                                              "data_hash", "seed")} | {"last_losses": (m.provenance_.get("history") or [{}])[-1]}
                      for n, m in mixers.items()},
         "classifiers": cls_res, "canvas": canvas, "faces": faces_res, "speed": speed,
@@ -622,10 +622,10 @@ def write_results(args, results) -> None:
               "reading of a published run is kept apart, in mix-reading.md.")
         print_table("Machine and settings", ["item", "value"],
                     [[k, v] for k, v in results["machine"].items()] + [[k, v] for k, v in results["settings"].items()])
-        rows = [[n, t["trained_steps"], t["train_seconds"], t["complete"],
+        rows = [[n, t["trained_steps"], t["train_seconds"], t.get("threads"), t["complete"],
                  ", ".join(f"{k} {v}" for k, v in t["last_losses"].items() if k != "step")]
                 for n, t in results["training"].items()]
-        print_table("Training", ["model", "steps", "seconds", "complete", "last logged losses"], rows)
+        print_table("Training", ["model", "steps", "seconds", "torch threads", "complete", "last logged losses"], rows)
         c = results["classifiers"]
         print_table("Metric networks (Sec. 3.4.2 recipe)", ["classifier", "held-out accuracy", "score on real test crops"],
                     [["seam (64 x 64)", _f(c["seam_heldout_accuracy"]), _f(c["seam_score_real_test_crops"])],
