@@ -74,6 +74,15 @@ def keyed_owner(tmp_path_factory, celeba_dir):
     m = root / "m.safetensors"
     assert main(["fit", str(photos), "-o", str(m), "--components", "2", "-q"]) == 0
     ow = ["--owner", str(root / "owner")]
+    # the owner's master secret fixed (the CLI draws a random one), so every run reads the same scores
+    from faceprint.autoencoder import TAEF2
+    from faceprint.fingerprint.keyed import OwnerSecret
+    from faceprint.fingerprint.owner import Owner
+    from faceprint.latent.generator import Generator
+
+    gen, owner = Generator.load(m, autoencoder=TAEF2.load()), Owner(root / "owner")
+    owner._ensure_folder()
+    OwnerSecret(master=bytes(range(32))).fit(gen.bank_.float(), gen.autoencoder).save(owner.secret_path)
     for name, seed in (("alice", "1"), ("bob", "2"), ("carol", "3")):
         assert main(["fingerprint", "issue", str(m), "--to", name.title(), "-o", str(root / f"{name}.safetensors"),
                      "--seed", seed, "-q", *ow]) == 0
