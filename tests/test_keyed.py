@@ -389,3 +389,21 @@ def test_noisy_faces_are_read_through_a_blur_and_clean_ones_as_they_are(keyed_ow
     for bad in (("blur3",), ("none", "none"), ("none", "sharpen")):
         with pytest.raises(Exception, match="prefilters must start|unknown edit"):
             BaseIndex(base.bank_, ae, secret, prefilters=bad)
+
+
+def test_mixes_of_fingerprinted_faces_are_still_read(keyed_owner, tmp_path, capsys):
+    """`faceprint mix` re-encodes generated faces, harmonises and decodes them: a hybrid of two of
+    alice's faces is still read as alice, and a hybrid of alice's and bob's faces as one of them
+    (never a third recipient), each half carrying its own instance's mark."""
+    root, _, ow = keyed_owner
+    outs = []
+    for i, second in enumerate(("alice", "alice", "bob", "bob")):
+        o = tmp_path / f"h{i}.png"
+        assert main(["mix", f"{root / 'alice.safetensors'}:seed={2 * i + 1}",
+                     f"{root / (second + '.safetensors')}:seed={2 * i + 2}", "--mode", "hybrid", "-o", str(o), "-q"]) == 0
+        outs.append(o)
+    out = _verify(capsys, ow, *outs)
+    assert [o["instance"] for o in out[:2]] == ["alice", "alice"] and all(o["match"] for o in out)
+    assert all(o["instance"] in ("alice", "bob") for o in out[2:]), [(o["instance"], o["score"]) for o in out]
+    # half of a face carries about half of an instance's mark: less than two halves of one instance
+    assert min(o["score"] for o in out[:2]) > max(o["score"] for o in out[2:])
