@@ -20,12 +20,13 @@ BENCHES = {
     "reliability": "hostile and broken input: corpus of cases per command and kind, kill -9 trials, validation cost",
     "scale-out": "each Dask-distributed stage in one process and on 1 and 2 local workers: time, identical output",
     "mix": "texture mixer (papers/004 Ch. 3): canvas interpolation metrics, ablations, face hybrids, speed",
+    "mix-marks": "fingerprints through a mix: hybrids and dissolves of fingerprinted faces, verified",
     "gan": "latent GAN (papers/004 Ch. 2): dual contrastive loss, G self-attention, D reference attention vs LR-GMM",
     "rewrite": "rewrite a model's rules from 1-3 edited faces (papers/001): success, preservation, projector table",
     "personalize": "new faces of one person from one photo with attribute prompts (papers/003): identity x prompt",
     "attribute": "learned attribution to the source model without a fingerprint (papers/004 Ch. 4): setups, baselines, immunisation, open set",
 }
-MODULES = {"scale-out": "scale_out"}  # bench names that are not module names
+MODULES = {"scale-out": "scale_out", "mix-marks": "mix_marks"}  # bench names that are not module names
 
 
 def main(argv=None) -> int:
