@@ -27,7 +27,7 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from .machine import describe, print_table
+from .machine import datasets_dir, describe, print_table
 from .machine import write_results as save
 
 MECHANISMS = ("keyed-bank", "datalevel-bank")
@@ -81,12 +81,7 @@ def _statistic(v: dict) -> float:
 
 
 def run(args) -> int:
-    import torch
-
     t_all = time.perf_counter()
-    torch.manual_seed(args.seed)  # nothing below draws from it; set so that nothing could vary silently
-    from .machine import datasets_dir
-
     photos_dir = datasets_dir(args.data) / "celeba-10k" / "images"
     if not photos_dir.is_dir():
         raise SystemExit(f"mix-marks: no photos at {photos_dir} (pass --data, the folder holding celeba-10k/)")
